@@ -1,0 +1,1 @@
+"""Multimodal inputs: image and video preprocessing, prompt assembly, 3-D positions, hashing."""

@@ -1,0 +1,1 @@
+"""Random-weight checkpoints in the exact Hugging Face layout of each GLM-V variant."""
