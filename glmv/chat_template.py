@@ -162,7 +162,9 @@ def render(
     for message in chat:
         if not isinstance(message, dict):
             raise ChatTemplateError(f"each message must be an object, got {message!r}")
-    chat = [_alias_reasoning(m) for m in chat]
+    # Like transformers: drop None-valued keys (OpenAI sends `content: null` with tool calls),
+    # which templates would otherwise print as "None".
+    chat = [_alias_reasoning({k: v for k, v in m.items() if v is not None}) for m in chat]
     try:
         return template.render(
             messages=chat,

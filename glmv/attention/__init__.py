@@ -1,1 +1,1 @@
-"""glmv.attention."""
+"""Attention metadata and backends (paged KV cache over flattened tokens)."""

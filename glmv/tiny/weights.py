@@ -1,101 +1,17 @@
-"""Random weights under the published tensor names, and the block-wise FP8 form of them.
-
-Names and shapes are derived from config.json alone (protocol section 7.4), independently of
-glmv's model code, so a loader or model bug cannot hide behind a matching writer.
-"""
+"""Random weights under the published tensor names, and the block-wise FP8 form of them."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import torch
 
+from glmv.checkpoint import expected_tensors
 from glmv.config import ModelConfig
 
-# (name, shape, kind); kind decides the init: "linear", "embed", "norm", "bias", "route_bias".
-TensorSpec = tuple[str, tuple[int, ...], str]
-
-
-def _linear(name: str, out_dim: int, in_dim: int, bias: bool = False) -> Iterator[TensorSpec]:
-    yield f"{name}.weight", (out_dim, in_dim), "linear"
-    if bias:
-        yield f"{name}.bias", (out_dim,), "bias"
-
-
-def vision_tensors(cfg: ModelConfig) -> Iterator[TensorSpec]:
-    v = cfg.vision
-    p = "model.visual"
-    hid, out, m = v.hidden_size, v.out_hidden_size, v.spatial_merge_size
-    kernel = (hid, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
-    yield f"{p}.patch_embed.proj.weight", kernel, "linear"
-    yield f"{p}.patch_embed.proj.bias", (hid,), "bias"
-    yield f"{p}.post_conv_layernorm.weight", (hid,), "norm"
-    num_positions = (v.image_size // v.patch_size) ** 2
-    yield f"{p}.embeddings.position_embedding.weight", (num_positions, hid), "embed"
-    for i in range(v.depth):
-        b = f"{p}.blocks.{i}"
-        yield f"{b}.norm1.weight", (hid,), "norm"
-        yield f"{b}.norm2.weight", (hid,), "norm"
-        yield from _linear(f"{b}.attn.qkv", 3 * hid, hid, v.attention_bias)
-        yield from _linear(f"{b}.attn.proj", hid, hid)
-        yield from _linear(f"{b}.mlp.gate_proj", out, hid)
-        yield from _linear(f"{b}.mlp.up_proj", out, hid)
-        yield from _linear(f"{b}.mlp.down_proj", hid, out)
-    yield f"{p}.post_layernorm.weight", (hid,), "norm"
-    yield f"{p}.downsample.weight", (out, hid, m, m), "linear"
-    yield f"{p}.downsample.bias", (out,), "bias"
-    yield from _linear(f"{p}.merger.proj", out, out)
-    yield f"{p}.merger.post_projection_norm.weight", (out,), "norm"
-    yield f"{p}.merger.post_projection_norm.bias", (out,), "bias"
-    yield from _linear(f"{p}.merger.gate_proj", v.intermediate_size, out)
-    yield from _linear(f"{p}.merger.up_proj", v.intermediate_size, out)
-    yield from _linear(f"{p}.merger.down_proj", out, v.intermediate_size)
-
-
-def _mlp(name: str, hidden: int, inter: int) -> Iterator[TensorSpec]:
-    yield from _linear(f"{name}.gate_proj", inter, hidden)
-    yield from _linear(f"{name}.up_proj", inter, hidden)
-    yield from _linear(f"{name}.down_proj", hidden, inter)
-
-
-def text_tensors(cfg: ModelConfig) -> Iterator[TensorSpec]:
-    t = cfg.text
-    p = "model.language_model"
-    h = t.hidden_size
-    yield f"{p}.embed_tokens.weight", (t.vocab_size, h), "embed"
-    for i in range(t.num_hidden_layers):
-        layer = f"{p}.layers.{i}"
-        yield f"{layer}.input_layernorm.weight", (h,), "norm"
-        yield f"{layer}.post_attention_layernorm.weight", (h,), "norm"
-        if t.sandwich_norm:
-            yield f"{layer}.post_self_attn_layernorm.weight", (h,), "norm"
-            yield f"{layer}.post_mlp_layernorm.weight", (h,), "norm"
-        a = f"{layer}.self_attn"
-        yield from _linear(f"{a}.q_proj", t.q_size, h, t.attention_bias)
-        yield from _linear(f"{a}.k_proj", t.kv_size, h, t.attention_bias)
-        yield from _linear(f"{a}.v_proj", t.kv_size, h, t.attention_bias)
-        yield from _linear(f"{a}.o_proj", h, t.q_size)
-        moe = t.moe
-        if moe is None:
-            yield from _linear(f"{layer}.mlp.gate_up_proj", 2 * t.intermediate_size, h)
-            yield from _linear(f"{layer}.mlp.down_proj", h, t.intermediate_size)
-        elif i < moe.first_k_dense_replace:
-            yield from _mlp(f"{layer}.mlp", h, t.intermediate_size)
-        else:
-            yield f"{layer}.mlp.gate.weight", (moe.n_routed_experts, h), "linear"
-            yield f"{layer}.mlp.gate.e_score_correction_bias", (moe.n_routed_experts,), "route_bias"
-            for e in range(moe.n_routed_experts):
-                yield from _mlp(f"{layer}.mlp.experts.{e}", h, moe.moe_intermediate_size)
-            shared = moe.moe_intermediate_size * moe.n_shared_experts
-            yield from _mlp(f"{layer}.mlp.shared_experts", h, shared)
-    yield f"{p}.norm.weight", (h,), "norm"
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", (t.vocab_size, h), "linear"
-
-
-def checkpoint_tensors(cfg: ModelConfig) -> list[TensorSpec]:
-    return [*vision_tensors(cfg), *text_tensors(cfg)]
+# Names and shapes come from glmv.checkpoint, the same list the loader validates against;
+# transformers loading these folders with no missing or unexpected keys keeps both honest.
+checkpoint_tensors = expected_tensors
 
 
 def _init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:

@@ -85,7 +85,7 @@ def save_weights(out: Path, state: dict[str, torch.Tensor], max_bytes: int) -> l
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for fname, shard in zip(names, shards):
+    for fname, shard in zip(names, shards, strict=True):
         save_file(shard, str(out / fname), metadata=meta)
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in state.values())

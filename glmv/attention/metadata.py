@@ -1,0 +1,58 @@
+"""What an attention backend needs to know about one forward over flattened tokens.
+
+The tokens of all sequences in a step are concatenated. Sequence i owns new tokens
+[query_start_loc[i], query_start_loc[i+1]) and, once they are written, has seq_lens[i] tokens of
+context in the KV cache; its first new token sits at position seq_lens[i] - query_len_i.
+
+    tokens:  | seq 0 new tokens | seq 1 new tokens | ...
+    cache:   seq i's keys live in blocks block_tables[i, 0..], slot = block * block_size + offset
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-forward attention layout, shared by every layer of the decoder."""
+
+    query_start_loc: list[int]  # [num_seqs + 1] cumulative new-token counts (host)
+    seq_lens: list[int]  # [num_seqs] context length after this step: cached + new (host)
+    slot_mapping: torch.Tensor | None = None  # [num_tokens] int64 KV slot per new token
+    block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32 block ids
+    block_size: int = 0  # tokens per KV block (0 when there is no cache)
+
+    def __post_init__(self) -> None:
+        if len(self.query_start_loc) != len(self.seq_lens) + 1:
+            raise ValueError("query_start_loc must have one more entry than seq_lens")
+        for i, seq_len in enumerate(self.seq_lens):
+            if self.query_len(i) > seq_len:
+                raise ValueError(f"sequence {i} has more new tokens than context")
+        if (self.slot_mapping is None) != (self.block_tables is None):
+            raise ValueError("slot_mapping and block_tables come together")
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.query_start_loc[-1]
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.slot_mapping is not None
+
+    def query_len(self, i: int) -> int:
+        return self.query_start_loc[i + 1] - self.query_start_loc[i]
+
+    @classmethod
+    def without_cache(cls, query_lens: list[int]) -> AttentionMetadata:
+        """Each sequence's new tokens are its whole context (no KV cache): a plain prefill."""
+        starts = [0]
+        for n in query_lens:
+            starts.append(starts[-1] + n)
+        return cls(query_start_loc=starts, seq_lens=list(query_lens))

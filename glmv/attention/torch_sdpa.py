@@ -1,0 +1,72 @@
+"""Attention over a paged KV cache with torch's scaled_dot_product_attention (CPU and CUDA).
+
+New keys/values are written to their slots first; each sequence then attends to its whole
+context gathered from its blocks, with a causal mask offset by the tokens already cached.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from glmv.attention.metadata import AttentionMetadata
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; k, v: [N, kv_heads, D]."""
+    num_kv_heads, head_dim = k.shape[1], k.shape[2]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int,
+                    block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    num_blocks = -(-seq_len // block_size)
+    blocks = block_table[:num_blocks].long()
+    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, D]
+    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    return k, v
+
+
+def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """Bool [query_len, seq_len]: new token j (position seq_len - query_len + j) sees keys <= j."""
+    if query_len == 1:
+        return None
+    offset = seq_len - query_len
+    rows = torch.arange(query_len, device=device)[:, None] + offset
+    cols = torch.arange(seq_len, device=device)[None, :]
+    return cols <= rows
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    kv_cache: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q: [N, heads, D]; k, v: [N, kv_heads, D] (new tokens). Returns [N, heads, D]."""
+    if kv_cache is not None and meta.uses_cache:
+        assert meta.slot_mapping is not None and meta.block_tables is not None
+        write_kv(kv_cache, k, v, meta.slot_mapping)
+    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    out = torch.empty_like(q)
+    for i in range(meta.num_seqs):
+        start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+        if start == end:
+            continue
+        seq_len = meta.seq_lens[i]
+        if kv_cache is not None and meta.uses_cache:
+            assert meta.block_tables is not None
+            ki, vi = _gather_context(kv_cache, meta.block_tables[i], seq_len, meta.block_size)
+        else:
+            ki, vi = k[start:end], v[start:end]
+        qi = q[start:end].transpose(0, 1)[None]  # [1, heads, q_len, D]
+        ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]  # [1, kv_heads, s, D]
+        mask = _causal_mask(end - start, seq_len, q.device)
+        oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
+                                            enable_gqa=num_heads != num_kv_heads)
+        out[start:end] = oi[0].transpose(0, 1)
+    return out

@@ -1,0 +1,79 @@
+"""Mixture of experts of the GLM-4.5-Air decoder (DeepSeek-V3 style routing).
+
+Routing (float32): s = sigmoid(h W_gate^T); experts are *chosen* by s + e_score_correction_bias
+(after keeping the best `topk_group` of `n_group` groups, each group scored by the sum of its
+two best biased scores) but *weighted* by the unbiased s, renormalised and scaled.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmv.config import MoEConfig
+from glmv.layers.activation import silu_and_mul
+
+
+class TopkRouter(nn.Module):
+    """Chooses `num_experts_per_tok` experts per token and their combine weights."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, hidden_size))
+        # Kept in float32 whatever the model dtype, as in the checkpoints.
+        self.e_score_correction_bias = nn.Parameter(
+            torch.empty(cfg.n_routed_experts, dtype=torch.float32), requires_grad=False
+        )
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h: [N, hidden] -> (weights [N, k] float32, expert ids [N, k] int64)."""
+        cfg = self.cfg
+        scores = F.linear(h.float(), self.weight.float()).sigmoid()  # [N, E]
+        choice = scores + self.e_score_correction_bias
+        if cfg.n_group > 1:
+            grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+            group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [N, G]
+            keep = torch.topk(group_scores, k=cfg.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, keep, 1.0).bool()
+            expert_mask = group_mask[:, :, None].expand_as(grouped).reshape_as(choice)
+            choice = choice.masked_fill(~expert_mask, float("-inf"))
+        ids = torch.topk(choice, k=cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, ids)
+        if cfg.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * cfg.routed_scaling_factor, ids
+
+
+class FusedExperts(nn.Module):
+    """All routed experts' weights stacked: w13 [E, 2 * I, hidden] (gate; up), w2 [E, hidden, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """h: [N, hidden]; weights, ids: [N, k] -> [N, hidden].
+
+        Tokens are grouped by expert so each expert runs one matmul over its tokens.
+        """
+        out = torch.zeros_like(h)
+        flat_ids = ids.flatten()  # [N * k]
+        order = flat_ids.argsort(stable=True)
+        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
+        token_of = order // ids.shape[1]  # token index of each sorted assignment
+        weight_of = weights.flatten()[order]
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            tokens = token_of[start : start + count]
+            x = silu_and_mul(F.linear(h[tokens], self.w13[expert]))
+            y = F.linear(x, self.w2[expert]) * weight_of[start : start + count, None]
+            out.index_add_(0, tokens, y.to(out.dtype))
+            start += count
+        return out

@@ -1,0 +1,196 @@
+"""GLM-4.1V-9B-Thinking and GLM-4.6V-Flash (`glm4v`): the vision tower + dense GLM-4 decoder.
+
+Decoder layer ("sandwich" norms, GLM-4-0414):
+    h   = x + post_self_attn_layernorm(attn(input_layernorm(x)))
+    out = h + post_mlp_layernorm(mlp(post_attention_layernorm(h)))
+Attention: q/k/v with bias (packed into qkv_proj), GQA, M-RoPE on the first rotary_dim dims of
+each head (interleaved pairs), no bias on o_proj. MLP: packed gate_up_proj, SwiGLU.
+
+Tokens of many sequences are flattened: input_ids [N], positions [3, N]; attention metadata
+says where each sequence starts and where its keys/values live.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from glmv.attention.metadata import AttentionMetadata
+from glmv.config import ModelConfig, TextConfig
+from glmv.layers.activation import silu_and_mul
+from glmv.layers.attention import Attention
+from glmv.layers.embedding import VocabEmbedding
+from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.norm import RMSNorm
+from glmv.layers.rotary import MRotaryEmbedding
+from glmv.models.glm4v_vision import Glm4vVisionModel
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [N, rotary_dim]
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """Checkpoint names matching `pattern` load into `target` (a re.sub template) as `shard`."""
+
+    pattern: re.Pattern[str]
+    target: str
+    shard: Callable[[re.Match[str]], object]
+
+
+def rule(pattern: str, target: str, shard: object = None) -> WeightRule:
+    fn = shard if callable(shard) else (lambda m, s=shard: s)
+    return WeightRule(re.compile(pattern), target, fn)
+
+
+# Checkpoint q/k/v projections load into the packed qkv_proj (weights and biases).
+QKV_RULES = [
+    rule(r"^(.*\.self_attn)\.(q|k|v)_proj\.(weight|bias)$", r"\1.qkv_proj.\3",
+         lambda m: m.group(2)),
+    # Vision MLP and merger: gate/up into gate_up_proj (shard 0 = gate, 1 = up).
+    rule(r"^(model\.visual\..*)\.(gate|up)_proj\.weight$", r"\1.gate_up_proj.weight",
+         lambda m: 0 if m.group(2) == "gate" else 1),
+]
+
+
+class Glm4vTextAttention(nn.Module):
+    """GQA attention with M-RoPE; shared by the dense and MoE decoders."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.qkv_proj = MergedLinear(
+            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)],
+            bias=cfg.attention_bias,
+        )
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
+                              scale=self.head_dim**-0.5)
+
+    def forward(self, h: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        n = h.shape[0]
+        q, k, v = self.qkv_proj.split(self.qkv_proj(h))
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = rotary(q, k, *rope)
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Glm4vTextMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Glm4vTextDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.self_attn = Glm4vTextAttention(cfg)
+        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
+        self.mlp = Glm4vTextMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
+
+    def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
+        h = x + self.post_self_attn_layernorm(attn)
+        mlp = self.mlp(self.post_attention_layernorm(h))
+        return h + self.post_mlp_layernorm(mlp)
+
+
+class Glm4vTextModel(nn.Module):
+    """Embeddings, decoder layers and final norm; layer class chosen by the subclass."""
+
+    def __init__(self, cfg: TextConfig, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary_emb = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section,
+                                           cfg.rope_style)
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        """inputs_embeds [N, hidden], positions [3, N] -> hidden states [N, hidden]."""
+        rope = self.rotary_emb.cos_sin(positions, inputs_embeds.dtype)
+        h = inputs_embeds
+        for layer in self.layers:
+            h = layer(h, rope, self.rotary_emb, meta)
+        return self.norm(h)
+
+
+class Glm4vModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, language_model: Glm4vTextModel) -> None:
+        super().__init__()
+        self.visual = Glm4vVisionModel(cfg.vision)
+        self.language_model = language_model
+
+
+class Glm4vForConditionalGeneration(nn.Module):
+    """Vision tower + decoder + LM head. Names follow the checkpoint (model.visual, ...)."""
+
+    weight_rules: list[WeightRule] = QKV_RULES
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        text = cfg.text
+        layers = [self.make_layer(text, i) for i in range(text.num_hidden_layers)]
+        self.model = Glm4vModel(cfg, Glm4vTextModel(text, layers))
+        self.lm_head = Linear(text.hidden_size, text.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    @staticmethod
+    def make_layer(cfg: TextConfig, layer_idx: int) -> nn.Module:
+        return Glm4vTextDecoderLayer(cfg)
+
+    @property
+    def visual(self) -> Glm4vVisionModel:
+        return self.model.visual
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.language_model.embed_tokens(input_ids)
+
+    def encode_vision(self, pixels: torch.Tensor,
+                      grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """pixels [P, patch_dim] of images and/or video frame pairs -> [P / 4, hidden]."""
+        return self.model.visual(pixels, grids)
+
+    def embed_with_vision(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None,
+                          vision_mask: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with rows where vision_mask is true replaced by vision_embeds."""
+        embeds = self.embed_tokens(input_ids)
+        if vision_embeds is not None and vision_mask is not None:
+            if int(vision_mask.sum()) != vision_embeds.shape[0]:
+                raise ValueError(f"{int(vision_mask.sum())} placeholder tokens but "
+                                 f"{vision_embeds.shape[0]} vision embeddings")
+            embeds = embeds.clone()
+            embeds[vision_mask] = vision_embeds.to(embeds.dtype)
+        return embeds
+
+    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        return self.model.language_model(inputs_embeds, positions, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [M, hidden] (usually the last token of each sequence) -> [M, vocab]."""
+        return self.lm_head(hidden)
+
+    def kv_cache_layers(self) -> list[Attention]:
+        return [layer.self_attn.attn for layer in self.model.language_model.layers]

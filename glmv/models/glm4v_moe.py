@@ -1,0 +1,124 @@
+"""GLM-4.5V and GLM-4.6V (`glm4v_moe`): the vision tower + GLM-4.5-Air MoE decoder.
+
+Decoder layer (pre-norm only):
+    h   = x + attn(input_layernorm(x))
+    out = h + mlp(post_attention_layernorm(h))
+where mlp is a dense SwiGLU for the first `first_k_dense_replace` layers and otherwise
+routed experts (top-k of n, sigmoid routing with a correction bias, see layers/moe.py) plus a
+shared expert. Attention: q/k/v with bias, more query heads x head_dim than hidden size, M-RoPE in
+NeoX halves. Checkpoint experts are stored one by one; they load stacked (w13, w2).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glmv.attention.metadata import AttentionMetadata
+from glmv.config import MoEConfig, TextConfig
+from glmv.errors import WeightMismatchError
+from glmv.layers.activation import silu_and_mul
+from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.moe import FusedExperts, TopkRouter
+from glmv.layers.norm import RMSNorm
+from glmv.layers.rotary import MRotaryEmbedding
+from glmv.models.glm4v import (
+    QKV_RULES,
+    Glm4vForConditionalGeneration,
+    Glm4vTextAttention,
+    Rope,
+    rule,
+)
+
+_GATE_UP = {"gate": 0, "up": 1}
+
+MOE_RULES = [
+    *QKV_RULES,
+    # Routed experts: experts.{e}.gate/up -> w13[e], experts.{e}.down -> w2[e].
+    rule(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up)_proj\.weight$", r"\1.w13",
+         lambda m: (int(m.group(2)), m.group(3))),
+    rule(r"^(.*\.mlp\.experts)\.(\d+)\.down_proj\.weight$", r"\1.w2",
+         lambda m: (int(m.group(2)), "down")),
+    # Dense MLPs and shared experts: gate/up -> gate_up_proj.
+    rule(r"^(model\.language_model\..*\.mlp(?:\.shared_experts)?)\.(gate|up)_proj\.weight$",
+         r"\1.gate_up_proj.weight", lambda m: _GATE_UP[m.group(2)]),
+]
+
+
+class Glm4vMoeTextMLP(nn.Module):
+    """Dense SwiGLU (leading layers, shared expert); checkpoint gate/up load packed."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [(0, intermediate_size),
+                                                       (1, intermediate_size)])
+        self.down_proj = Linear(intermediate_size, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Glm4vMoeTextMoE(nn.Module):
+    """Routed experts + shared expert."""
+
+    def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
+        super().__init__()
+        self.gate = TopkRouter(hidden_size, cfg)
+        self.experts = FusedExperts(cfg.n_routed_experts, hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = Glm4vMoeTextMLP(hidden_size,
+                                              cfg.moe_intermediate_size * cfg.n_shared_experts)
+        num, size = cfg.n_routed_experts, cfg.moe_intermediate_size
+        self.experts.w13.weight_loader = self._load_w13  # type: ignore[attr-defined]
+        self.experts.w13.shard_ids = tuple(  # type: ignore[attr-defined]
+            (e, part) for e in range(num) for part in ("gate", "up"))
+        self.experts.w2.weight_loader = self._load_w2  # type: ignore[attr-defined]
+        self.experts.w2.shard_ids = tuple((e, "down") for e in range(num))  # type: ignore[attr-defined]
+        self._size = size
+
+    def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
+        expert, part = shard  # type: ignore[misc]
+        offset = 0 if part == "gate" else self._size
+        _copy_checked(param.data[expert].narrow(0, offset, self._size), loaded)
+
+    def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
+        expert, _ = shard  # type: ignore[misc]
+        _copy_checked(param.data[expert], loaded)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x)
+        return self.experts(x, weights, ids) + self.shared_experts(x)
+
+
+def _copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    if target.shape != loaded.shape:
+        raise WeightMismatchError([], [], [("", tuple(loaded.shape), tuple(target.shape))])
+    target.copy_(loaded)
+
+
+class Glm4vMoeTextDecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        assert cfg.moe is not None
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Glm4vTextAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp: nn.Module
+        if layer_idx < cfg.moe.first_k_dense_replace:
+            self.mlp = Glm4vMoeTextMLP(cfg.hidden_size, cfg.intermediate_size)
+        else:
+            self.mlp = Glm4vMoeTextMoE(cfg.hidden_size, cfg.moe)
+
+    def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
+                meta: AttentionMetadata) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, rotary, meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
+    """Same interface as the dense model; only the decoder layers differ."""
+
+    weight_rules = MOE_RULES
+
+    @staticmethod
+    def make_layer(cfg: TextConfig, layer_idx: int) -> nn.Module:
+        return Glm4vMoeTextDecoderLayer(cfg, layer_idx)

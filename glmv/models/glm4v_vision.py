@@ -1,0 +1,210 @@
+"""The GLM-V vision tower (shared by glm4v and glm4v_moe), read top to bottom.
+
+pixel rows [P, 3*2*14*14] (block-major patch order, see multimodal/image.py)
+  -> patch_embed (Conv3d with kernel = stride, i.e. one matmul per patch)   [P, hidden]
+  -> post_conv_layernorm, + learned position table resampled to each grid  [P, hidden]
+  -> depth x block(2-D rotary attention within one image / one frame pair) [P, hidden]
+  -> post_layernorm, 2x2 merge through `downsample` (Conv2d k = s = 2)    [P / 4, out_hidden]
+  -> merger (proj, LayerNorm, GELU, SwiGLU)                                [P / 4, out_hidden]
+The P / 4 outputs fill the <|image|> placeholders in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glmv.config import VisionConfig
+from glmv.layers.activation import silu_and_mul
+from glmv.layers.embedding import VocabEmbedding
+from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.norm import RMSNorm
+from glmv.layers.rotary import VisionRotaryEmbedding
+
+Grid = tuple[int, int, int]
+
+
+def block_major_hw(grid_h: int, grid_w: int, merge: int, device: torch.device) -> torch.Tensor:
+    """(row, col) of every patch in the processor's order: 2x2 merge blocks, row-major inside.
+
+        rows of blocks -> blocks in a row -> (0,0) (0,1) (1,0) (1,1) inside a block
+    Returns [grid_h * grid_w, 2].
+    """
+    rows = torch.arange(grid_h, device=device)[:, None].expand(grid_h, grid_w)
+    cols = torch.arange(grid_w, device=device)[None, :].expand(grid_h, grid_w)
+    shape = (grid_h // merge, merge, grid_w // merge, merge)
+    rows = rows.reshape(shape).transpose(1, 2).flatten()
+    cols = cols.reshape(shape).transpose(1, 2).flatten()
+    return torch.stack((rows, cols), dim=-1)
+
+
+class KernelEqualsStride(nn.Module):
+    """A convolution whose kernel equals its stride: one matmul per output position.
+
+    The weight keeps its convolution shape [out, in, *kernel] (checkpoint layout); inputs arrive
+    already flattened in (in, *kernel) order.
+    """
+
+    def __init__(self, out_channels: int, in_shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_channels, *in_shape))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight.flatten(1), self.bias)
+
+
+class VisionPatchEmbed(nn.Module):
+    """Conv3d(3 -> hidden, kernel = stride = (2, 14, 14)) on flattened patch rows."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        kernel = (cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = KernelEqualsStride(cfg.hidden_size, (cfg.in_channels, *kernel))
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(pixels)
+
+
+class VisionEmbeddings(nn.Module):
+    """Learned (image_size/patch)^2 position table, bicubically resampled to any grid."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        num_positions = (cfg.image_size // cfg.patch_size) ** 2
+        self.position_embedding = VocabEmbedding(num_positions, cfg.hidden_size)
+
+    def for_grid(self, hw: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+        """hw: [n, 2] patch (row, col) -> [n, hidden], sampled in fp32 at patch centres."""
+        table = self.position_embedding.weight
+        side = int(table.shape[0] ** 0.5)
+        image = table.view(side, side, -1).permute(2, 0, 1)[None].float()  # [1, C, side, side]
+        norm_w = (hw[:, 1].float() + 0.5) / grid_w * 2 - 1
+        norm_h = (hw[:, 0].float() + 0.5) / grid_h * 2 - 1
+        grid = torch.stack((norm_w, norm_h), dim=-1)[None, :, None, :]  # [1, n, 1, 2]
+        sampled = F.grid_sample(image, grid, mode="bicubic", align_corners=False,
+                                padding_mode="border")  # [1, C, n, 1]
+        return sampled[0, :, :, 0].transpose(0, 1).to(table.dtype)
+
+
+class VisionAttention(nn.Module):
+    """Bidirectional attention restricted to each segment (an image or a video frame pair)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                seg_lens: Sequence[int]) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
+        q = VisionRotaryEmbedding.apply(q, cos, sin)
+        k = VisionRotaryEmbedding.apply(k, cos, sin)
+        out = torch.empty_like(q)
+        start = 0
+        for length in seg_lens:
+            sl = slice(start, start + length)
+            qi, ki, vi = (t[sl].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, L, D]
+            out[sl] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+            start += length
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    """SwiGLU of width out_hidden_size (not intermediate_size, which belongs to the merger)."""
+
+    def __init__(self, hidden_size: int, width: int) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedLinear(hidden_size, [(0, width), (1, width)])
+        self.down_proj = Linear(width, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg.hidden_size, cfg.out_hidden_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                seg_lens: Sequence[int]) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, seg_lens)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionPatchMerger(nn.Module):
+    def __init__(self, dim: int, width: int) -> None:
+        super().__init__()
+        self.proj = Linear(dim, dim)
+        self.post_projection_norm = nn.LayerNorm(dim)
+        self.gate_up_proj = MergedLinear(dim, [(0, width), (1, width)])
+        self.down_proj = Linear(width, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.gelu(self.post_projection_norm(self.proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Glm4vVisionModel(nn.Module):
+    """Encodes images and video frame pairs into LLM-width embeddings."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = VisionPatchEmbed(cfg)
+        self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.embeddings = VisionEmbeddings(cfg)
+        self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        m = cfg.spatial_merge_size
+        self.downsample = KernelEqualsStride(cfg.out_hidden_size, (cfg.hidden_size, m, m))
+        self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.post_layernorm.weight.dtype
+
+    def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        """pixels: [P, patch_dim] for all items; grids: (t, h, w) per item -> [P / merge^2, D].
+
+        A grid with t > 1 (a video) attends within each temporal slice, like t grids of 1.
+        """
+        frames = [(h, w) for t, h, w in grids for _ in range(t)]
+        seg_lens = [h * w for h, w in frames]
+        if sum(seg_lens) != pixels.shape[0]:
+            raise ValueError(f"grids cover {sum(seg_lens)} patches, pixel rows are "
+                             f"{pixels.shape[0]}")
+        x = self.post_conv_layernorm(self.patch_embed(pixels))
+        hw, pos = self._positions(frames, x.device)
+        x = x + pos.to(x.device)
+        cos, sin = self.rotary_pos_emb.cos_sin(hw)
+        for block in self.blocks:
+            x = block(x, cos, sin, seg_lens)
+        x = self.post_layernorm(x)
+        m, hidden = self.cfg.spatial_merge_size, self.cfg.hidden_size
+        x = x.view(-1, m, m, hidden).permute(0, 3, 1, 2).flatten(1)  # [P/m^2, hidden*m*m]
+        return self.merger(self.downsample(x))
+
+    def _positions(self, frames: list[tuple[int, int]],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) of every patch [P, 2] and its resampled position embedding [P, hidden]."""
+        hws, pos = [], []
+        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for h, w in frames:
+            if (h, w) not in cache:
+                hw = block_major_hw(h, w, self.cfg.spatial_merge_size, device)
+                cache[(h, w)] = (hw, self.embeddings.for_grid(hw, h, w))
+            hws.append(cache[(h, w)][0])
+            pos.append(cache[(h, w)][1])
+        return torch.cat(hws), torch.cat(pos)

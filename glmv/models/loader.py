@@ -1,0 +1,170 @@
+"""Build a model from a checkpoint folder: validate, read shard by shard, map names, convert.
+
+1. The checkpoint's tensor names and shapes (from the safetensors headers, no data read) are
+   checked against `expected_tensors(config)`: one WeightMismatchError names every missing or
+   unexpected tensor and every shape mismatch.
+2. The model is built directly in the target dtype on the target device (no random init).
+3. Each tensor is read, FP8 blocks are dequantized (`weight * weight_scale_inv` per block),
+   mapped onto its parameter (packed q/k/v, gate/up, stacked experts) and cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from glmv.checkpoint import CheckpointReader, expected_tensors
+from glmv.config import ModelConfig, QuantizationConfig
+from glmv.errors import CheckpointError, WeightMismatchError
+from glmv.models.glm4v import Glm4vForConditionalGeneration, WeightRule
+from glmv.models.registry import model_class
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SCALE_SUFFIX = ".weight_scale_inv"
+# Tensors some exports carry that the model never uses.
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
+
+
+def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
+    """'auto' = the checkpoint's dtype (FP8 checkpoints compute in bfloat16)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return DTYPES.get(cfg.dtype, torch.bfloat16)
+    if dtype not in DTYPES:
+        raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def validate_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
+    """Compare names/shapes in the files with the config's layout, before reading any data."""
+    expected = {name: shape for name, shape, _ in expected_tensors(cfg)}
+    present = {n: s for n, s in reader.shapes.items() if not _IGNORED.search(n)}
+    scales = {n for n in present if n.endswith(_SCALE_SUFFIX)}
+    missing = [n for n in expected if n not in present]
+    unexpected = [n for n in present if n not in expected and n not in scales]
+    unexpected += [n for n in scales if n[: -len(_SCALE_SUFFIX)] + ".weight" not in expected]
+    mismatches = [(n, present[n], expected[n]) for n in expected
+                  if n in present and present[n] != expected[n]]
+    for name in scales:
+        weight = name[: -len(_SCALE_SUFFIX)] + ".weight"
+        if weight in expected and cfg.quantization is not None:
+            block = cfg.quantization.weight_block_size
+            rows, cols = expected[weight][:2]
+            want = (-(-rows // block[0]), -(-cols // block[1]))
+            if present[name] != want:
+                mismatches.append((name, present[name], want))
+    if missing or unexpected or mismatches:
+        raise WeightMismatchError(missing, unexpected, mismatches, str(reader.root))
+    fp8 = [n for n, d in reader.dtypes.items() if d.startswith("F8")]
+    unscaled = [n for n in fp8 if n[: -len(".weight")] + _SCALE_SUFFIX not in present]
+    if unscaled:
+        raise CheckpointError(f"FP8 tensors without a weight_scale_inv: {unscaled}")
+    if fp8 and cfg.quantization is None:
+        raise CheckpointError("the checkpoint has FP8 tensors but config.json has no "
+                              "quantization_config")
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor,
+                   block: tuple[int, int]) -> torch.Tensor:
+    """weight [rows, cols] fp8 * scale_inv [ceil(rows/br), ceil(cols/bc)] -> float32."""
+    rows, cols = weight.shape
+    scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return weight.float() * scale[:rows, :cols]
+
+
+def iter_weights(reader: CheckpointReader, quant: QuantizationConfig | None,
+                 progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for every weight, FP8 already dequantized; scales are consumed."""
+    bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="Loading weights",
+               disable=not progress, leave=False)
+    with contextlib.closing(bar):
+        for path, names in reader.names_by_file():
+            for name in names:
+                if name.endswith(_SCALE_SUFFIX) or _IGNORED.search(name):
+                    continue
+                tensor = reader.get(name)
+                scale_name = name[: -len(".weight")] + _SCALE_SUFFIX
+                if name.endswith(".weight") and scale_name in reader.locations:
+                    assert quant is not None
+                    tensor = dequantize_fp8(tensor, reader.get(scale_name),
+                                            quant.weight_block_size)
+                yield name, tensor
+            bar.update(Path(path).stat().st_size)
+
+
+def _map_name(name: str, rules: list[WeightRule]) -> tuple[str, object]:
+    for r in rules:
+        match = r.pattern.match(name)
+        if match:
+            return match.expand(r.target), r.shard(match)
+    return name, None
+
+
+def load_weights(model: Glm4vForConditionalGeneration, weights: Iterator[tuple[str, torch.Tensor]]
+                 ) -> None:
+    """Copy checkpoint tensors into parameters; every parameter shard must be filled once."""
+    params = dict(model.named_parameters())
+    filled: set[tuple[str, object]] = set()
+    unexpected: list[str] = []
+    for name, tensor in weights:
+        target, shard = _map_name(name, model.weight_rules)
+        param = params.get(target)
+        if param is None:
+            unexpected.append(name)
+            continue
+        loader = getattr(param, "weight_loader", None)
+        with torch.no_grad():
+            try:
+                if loader is None:
+                    if param.shape != tensor.shape:
+                        raise WeightMismatchError(
+                            [], [], [("", tuple(tensor.shape), tuple(param.shape))])
+                    param.data.copy_(tensor)
+                else:
+                    loader(param, tensor.to(param.dtype), shard)
+            except WeightMismatchError as exc:
+                _, got, want = exc.shape_mismatches[0]
+                raise WeightMismatchError([], [], [(name, got, want)]) from None
+        filled.add((target, shard))
+    missing = [f"{pname}{'' if s is None else f'[{s}]'}" for pname, p in params.items()
+               for s in getattr(p, "shard_ids", (None,)) if (pname, s) not in filled]
+    if missing or unexpected:
+        raise WeightMismatchError(missing, unexpected, [])
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def load_model(model_dir: str | Path, cfg: ModelConfig | None = None,
+               dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               progress: bool = True) -> Glm4vForConditionalGeneration:
+    """The model of `model_dir` with its weights, in eval mode, ready for inference."""
+    cfg = cfg or ModelConfig.from_pretrained(model_dir)
+    reader = CheckpointReader(model_dir)
+    validate_checkpoint(reader, cfg)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    with _default_dtype(torch_dtype), torch.device(device):
+        model = model_class(cfg)(cfg)
+    try:
+        load_weights(model, iter_weights(reader, cfg.quantization, progress))
+    finally:
+        reader.close()
+    return model.eval().requires_grad_(False)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,268 @@
+"""Prompt assembly: messages or text + media -> token ids, preprocessed media, 3-D positions.
+
+    messages --normalize--> chat template --tokenize--> ids with one <|image|> / <|video|> each
+    media    --fetch/decode--> preprocess (image.py / video.py)
+    expand:  <|image|>  -> <|image|> x n
+             <|video|>  -> for each frame pair: <|begin_of_image|> <|image|> x n <|end_of_image|> ts
+    positions [3, L] + decode delta (rope_index.py)
+
+Equal to transformers' processor on the same prompt and media: the expanded prompt tokenizes the
+same because every expansion boundary is a special token.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from glmv.chat_template import normalize_messages
+from glmv.config import ModelConfig
+from glmv.errors import MediaError, PromptError
+from glmv.multimodal.hashing import hash_pixels
+from glmv.multimodal.image import ProcessedImage, load_image, process_image
+from glmv.multimodal.media import MediaPolicy, fetch_bytes
+from glmv.multimodal.processor_config import (
+    ImageProcessorConfig,
+    VideoProcessorConfig,
+    load_processor_configs,
+)
+from glmv.multimodal.rope_index import mrope_positions
+from glmv.multimodal.video import (
+    DecodedVideo,
+    ProcessedVideo,
+    decode_video,
+    process_video,
+    timestamp_text,
+)
+from glmv.tokenizer import Tokenizer
+
+ImageInput = PIL.Image.Image | np.ndarray | bytes | str | Path
+VideoInput = DecodedVideo | bytes | str | Path
+
+
+@dataclass
+class MultiModalItem:
+    """One image or video of a prompt: its pixels and the prompt tokens it fills."""
+
+    modality: str  # "image" | "video"
+    pixel_values: torch.Tensor  # [num_patches, patch_dim] float32
+    grid_thw: tuple[int, int, int]  # patches (t, h, w); videos: t = frame pairs
+    offset: int  # index of this item's first <|image|> token in the prompt
+    length: int  # tokens from the first to the last <|image|> of the item, inclusive
+    num_embeds: int  # <|image|> tokens the vision tower fills (= length for an image)
+    content_hash: str  # hash of the pixels, for caching
+    original_size: tuple[int, int] | None  # (height, width) of a source image; None for video
+    timestamps: list[float] = field(default_factory=list)  # video: seconds per frame pair
+
+
+@dataclass
+class ProcessedPrompt:
+    """Everything the engine needs about one prompt."""
+
+    prompt: str | None  # rendered text before expansion (None when given as token ids)
+    token_ids: list[int]  # expanded prompt
+    mm_items: list[MultiModalItem]  # in prompt order
+    positions: torch.Tensor  # [3, len(token_ids)] int64
+    rope_delta: int  # decode position = token index + rope_delta
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(i.num_embeds for i in self.mm_items if i.modality == "image")
+
+    @property
+    def num_video_tokens(self) -> int:
+        return sum(i.num_embeds for i in self.mm_items if i.modality == "video")
+
+
+class MultiModalProcessor:
+    """The processor of one checkpoint: tokenizer, chat template, image and video settings."""
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer,
+                 image_config: ImageProcessorConfig, video_config: VideoProcessorConfig,
+                 media_policy: MediaPolicy | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.image_config = image_config
+        self.video_config = video_config
+        self.media_policy = media_policy or MediaPolicy()
+        sp = tokenizer.special
+        if (sp.image, sp.video) != (config.image_token_id, config.video_token_id):
+            raise PromptError(f"tokenizer ids of <|image|>/<|video|> ({sp.image}, {sp.video}) "
+                              f"differ from config.json ({config.image_token_id}, "
+                              f"{config.video_token_id})")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, config: ModelConfig | None = None,
+                        tokenizer: Tokenizer | None = None,
+                        media_policy: MediaPolicy | None = None) -> MultiModalProcessor:
+        config = config or ModelConfig.from_pretrained(model_dir)
+        tokenizer = tokenizer or Tokenizer.from_pretrained(model_dir)
+        image_config, video_config = load_processor_configs(model_dir)
+        return cls(config, tokenizer, image_config, video_config, media_policy)
+
+    # ------------------------------------------------------------------ media
+
+    def load_image(self, source: ImageInput) -> PIL.Image.Image | np.ndarray:
+        if isinstance(source, (PIL.Image.Image, np.ndarray, bytes)):
+            return load_image(source) if isinstance(source, bytes) else source
+        return load_image(fetch_bytes(str(source), self.media_policy))
+
+    def load_video(self, source: VideoInput, fps: float | None = None) -> DecodedVideo:
+        if isinstance(source, DecodedVideo):
+            return source
+        data = source if isinstance(source, bytes) else fetch_bytes(str(source), self.media_policy)
+        return decode_video(data, self.video_config, fps=fps)
+
+    def preprocess_image(self, source: ImageInput) -> ProcessedImage:
+        return process_image(self.load_image(source), self.image_config)
+
+    def preprocess_video(self, source: VideoInput, fps: float | None = None) -> ProcessedVideo:
+        return process_video(self.load_video(source, fps), self.video_config)
+
+    # ------------------------------------------------------------------ prompts
+
+    def process(self, prompt: str, images: Sequence[ImageInput | ProcessedImage] = (),
+                videos: Sequence[VideoInput | ProcessedVideo] = ()) -> ProcessedPrompt:
+        """A rendered prompt with one <|image|> / <|video|> placeholder per item, in order."""
+        proc_images = [i if isinstance(i, ProcessedImage) else self.preprocess_image(i)
+                       for i in images]
+        proc_videos = [v if isinstance(v, ProcessedVideo) else self.preprocess_video(v)
+                       for v in videos]
+        ids = self.tokenizer.encode(prompt)
+        return self._expand(prompt, ids, proc_images, proc_videos)
+
+    def process_token_ids(self, token_ids: Sequence[int]) -> ProcessedPrompt:
+        """A prompt given as token ids, without media."""
+        ids = list(token_ids)
+        sp = self.tokenizer.special
+        if sp.image in ids or sp.video in ids:
+            raise PromptError("token-id prompts cannot carry images or videos; use chat messages")
+        return self._expand(None, ids, [], [])
+
+    def process_chat(self, messages: Sequence[Mapping[str, Any]], *,
+                     tools: Sequence[Mapping[str, Any]] | None = None,
+                     add_generation_prompt: bool = True, chat_template: str | None = None,
+                     **template_kwargs: Any) -> ProcessedPrompt:
+        """OpenAI-style messages (text, image_url / video_url / image / video parts)."""
+        normalized = normalize_messages(messages)
+        if self.tokenizer.special.answer is not None:
+            normalized = [strip_glm41v_history(m) for m in normalized]
+        images, videos = collect_media(normalized)
+        prompt = self.tokenizer.render_chat(normalized, tools=tools,
+                                            add_generation_prompt=add_generation_prompt,
+                                            chat_template_source=chat_template, **template_kwargs)
+        return self.process(prompt, images, videos)
+
+    def _expand(self, prompt: str | None, ids: list[int], images: list[ProcessedImage],
+                videos: list[ProcessedVideo]) -> ProcessedPrompt:
+        sp = self.tokenizer.special
+        n_img, n_vid = ids.count(sp.image), ids.count(sp.video)
+        if n_img != len(images) or n_vid != len(videos):
+            raise PromptError(
+                f"the prompt has {n_img} image and {n_vid} video placeholders but "
+                f"{len(images)} images and {len(videos)} videos were given (a chat template "
+                "drops media it does not support, e.g. images in tool results before GLM-4.6V)"
+            )
+        out: list[int] = []
+        items: list[MultiModalItem] = []
+        image_iter, video_iter = iter(images), iter(videos)
+        for token in ids:
+            if token == sp.image:
+                image = next(image_iter)
+                items.append(self._item("image", image, len(out), image.num_tokens, [],
+                                        image.original_size))
+                out.extend([sp.image] * image.num_tokens)
+            elif token == sp.video:
+                video = next(video_iter)
+                tokens = self._video_tokens(video)
+                embeds = [i for i, t in enumerate(tokens) if t == sp.image]
+                items.append(self._item("video", video, len(out) + embeds[0],
+                                        embeds[-1] - embeds[0] + 1, video.timestamps, None))
+                out.extend(tokens)
+            else:
+                out.append(token)
+        positions, delta = mrope_positions(
+            out, [i.grid_thw for i in items if i.modality == "image"],
+            [i.grid_thw for i in items if i.modality == "video"],
+            image_token_id=sp.image, video_start_id=sp.begin_of_video,
+            video_end_id=sp.end_of_video, spatial_merge_size=self.config.vision.spatial_merge_size,
+        )
+        return ProcessedPrompt(prompt, out, items, positions, delta)
+
+    def _timestamp(self, seconds: float) -> str:
+        return timestamp_text(seconds, self.video_config.timestamp_style)
+
+    def _video_tokens(self, video: ProcessedVideo) -> list[int]:
+        sp = self.tokenizer.special
+        tokens: list[int] = []
+        for seconds in video.timestamps:
+            tokens.append(sp.begin_of_image)
+            tokens.extend([sp.image] * video.tokens_per_frame)
+            tokens.append(sp.end_of_image)
+            tokens.extend(self.tokenizer.encode(self._timestamp(seconds)))
+        return tokens
+
+    @staticmethod
+    def _item(modality: str, media: ProcessedImage | ProcessedVideo, offset: int, length: int,
+              timestamps: list[float], size: tuple[int, int] | None) -> MultiModalItem:
+        return MultiModalItem(
+            modality=modality, pixel_values=media.pixel_values, grid_thw=media.grid_thw,
+            offset=offset, length=length, num_embeds=media.num_tokens,
+            content_hash=hash_pixels(media.pixel_values, media.grid_thw, modality),
+            original_size=size, timestamps=list(timestamps),
+        )
+
+
+_MEDIA_KEYS = {"image": ("image", "image_url", "url", "path"),
+               "video": ("video", "video_url", "url", "path")}
+
+
+def _media_source(part: Mapping[str, Any], modality: str) -> Any:
+    for key in _MEDIA_KEYS[modality]:
+        value = part.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("url")
+        if value is not None:
+            return value
+    raise MediaError(f"{modality} content part has no source (expected one of "
+                     f"{', '.join(_MEDIA_KEYS[modality])})")
+
+
+def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Image and video sources in the order the templates render their placeholders."""
+    images: list[Any] = []
+    videos: list[Any] = []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind == "video" or (kind != "image" and "video" in part):
+                videos.append(_media_source(part, "video"))
+            elif kind == "image" or "image" in part:
+                images.append(_media_source(part, "image"))
+    return images, videos
+
+
+_THINK_SPAN = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def strip_glm41v_history(message: dict[str, Any]) -> dict[str, Any]:
+    """GLM-4.1V's template keeps assistant turns verbatim; the official demos send only the
+    answer back: drop the <think> span and unwrap <answer> ... </answer>."""
+    content = message.get("content")
+    if message.get("role") != "assistant" or not isinstance(content, str):
+        return message
+    text = _THINK_SPAN.sub("", content)
+    text = text.replace("<answer>", "").replace("</answer>", "").strip()
+    return {**message, "content": text}

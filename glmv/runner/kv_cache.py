@@ -1,0 +1,41 @@
+"""Paged KV cache tensors, one per decoder layer, bound to the model's attention layers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from glmv.config import TextConfig
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    """Shape of the cache: num_blocks blocks of block_size tokens for every layer."""
+
+    num_layers: int
+    num_blocks: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    @property
+    def bytes_per_block(self) -> int:
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.num_layers * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    @classmethod
+    def for_memory(cls, cfg: TextConfig, memory_bytes: int, block_size: int,
+                   dtype: torch.dtype) -> KVCacheSpec:
+        """As many blocks as fit in `memory_bytes`."""
+        one = cls(cfg.num_hidden_layers, 1, block_size, cfg.num_key_value_heads, cfg.head_dim,
+                  dtype)
+        return cls(cfg.num_hidden_layers, max(1, memory_bytes // one.bytes_per_block), block_size,
+                   cfg.num_key_value_heads, cfg.head_dim, dtype)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, device: torch.device | str) -> list[torch.Tensor]:
+    """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
+    shape = (2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
