@@ -338,7 +338,7 @@ class ModelConfig:
             "image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
             "video_start_token_id", "video_end_token_id")}
         for key, value in ids.items():
-            if not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, int):
                 raise ConfigError(f"config.json must give {key} as an integer, got {value!r}")
         text = TextConfig.from_dict(text_dict, model_type)
         vision = VisionConfig.from_dict(data["vision_config"])

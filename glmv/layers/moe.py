@@ -62,11 +62,14 @@ class FusedExperts(nn.Module):
         Tokens are grouped by expert so each expert runs one matmul over its tokens.
         """
         out = torch.zeros_like(h)
-        flat_ids = ids.flatten()  # [N * k]
-        order = flat_ids.argsort(stable=True)
-        counts = torch.bincount(flat_ids, minlength=self.num_experts).tolist()
-        token_of = order // ids.shape[1]  # token index of each sorted assignment
-        weight_of = weights.flatten()[order]
+        num_tokens = ids.shape[0]
+        # Assignments sorted by (expert, slot k, token): the reference's row order, so bf16
+        # matmuls see the same rows in the same order.
+        slot_major = ids.t().flatten()  # [k * N]: all tokens' first choice, then second ...
+        order = slot_major.argsort(stable=True)
+        counts = torch.bincount(slot_major, minlength=self.num_experts).tolist()
+        token_of = order % num_tokens  # token index of each sorted assignment
+        weight_of = weights.t().flatten()[order]
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:

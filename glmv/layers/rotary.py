@@ -30,6 +30,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class MRotaryEmbedding(nn.Module):
     """Applies M-RoPE to q and k given positions[3, num_tokens] in (t, h, w) order."""
 
+    inv_freq: torch.Tensor  # [rotary_dim / 2]
+    freq_axis: torch.Tensor  # [rotary_dim / 2]: 0 = t, 1 = h, 2 = w drives that frequency
+
     def __init__(self, rotary_dim: int, theta: float, mrope_section: tuple[int, int, int],
                  style: str) -> None:
         super().__init__()
@@ -43,7 +46,7 @@ class MRotaryEmbedding(nn.Module):
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """cos, sin: [num_tokens, rotary_dim], computed in fp32 then cast like the reference."""
         freqs = positions[..., None].float() * self.inv_freq  # [3, N, F]
-        num_freqs = self.inv_freq.shape[0]
+        num_freqs = int(self.inv_freq.shape[0])
         freqs = freqs[self.freq_axis, :, torch.arange(num_freqs, device=freqs.device)]  # [F, N]
         freqs = freqs.transpose(0, 1)  # [N, F]
         cos, sin = freqs.cos(), freqs.sin()
@@ -72,6 +75,8 @@ class VisionRotaryEmbedding(nn.Module):
     NeoX style in fp32.
     """
 
+    inv_freq: torch.Tensor  # [head_dim / 4]
+
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         spatial_dim = head_dim // 2
@@ -86,7 +91,7 @@ class VisionRotaryEmbedding(nn.Module):
         return freqs.cos(), freqs.sin()
 
     @staticmethod
-    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [N, heads, head_dim]; cos/sin: [N, head_dim]."""
         xf = x.float()
         out = xf * cos[:, None] + _rotate_half(xf) * sin[:, None]

@@ -193,4 +193,5 @@ class Glm4vForConditionalGeneration(nn.Module):
         return self.lm_head(hidden)
 
     def kv_cache_layers(self) -> list[Attention]:
-        return [layer.self_attn.attn for layer in self.model.language_model.layers]
+        """The attention op of every decoder layer, in order (the runner binds caches to them)."""
+        return [m for m in self.model.language_model.modules() if isinstance(m, Attention)]

@@ -76,12 +76,14 @@ class Glm4vMoeTextMoE(nn.Module):
         self._size = size
 
     def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
-        expert, part = shard  # type: ignore[misc]
+        assert isinstance(shard, tuple)
+        expert, part = shard
         offset = 0 if part == "gate" else self._size
         _copy_checked(param.data[expert].narrow(0, offset, self._size), loaded)
 
     def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
-        expert, _ = shard  # type: ignore[misc]
+        assert isinstance(shard, tuple)
+        expert = shard[0]
         _copy_checked(param.data[expert], loaded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -104,8 +104,8 @@ class VisionAttention(nn.Module):
                 seg_lens: Sequence[int]) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = VisionRotaryEmbedding.apply(q, cos, sin)
-        k = VisionRotaryEmbedding.apply(k, cos, sin)
+        q = VisionRotaryEmbedding.rotate(q, cos, sin)
+        k = VisionRotaryEmbedding.rotate(k, cos, sin)
         out = torch.empty_like(q)
         start = 0
         for length in seg_lens:

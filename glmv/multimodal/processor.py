@@ -149,15 +149,19 @@ class MultiModalProcessor:
     def process_chat(self, messages: Sequence[Mapping[str, Any]], *,
                      tools: Sequence[Mapping[str, Any]] | None = None,
                      add_generation_prompt: bool = True, chat_template: str | None = None,
-                     **template_kwargs: Any) -> ProcessedPrompt:
-        """OpenAI-style messages (text, image_url / video_url / image / video parts)."""
+                     chat_template_kwargs: Mapping[str, Any] | None = None) -> ProcessedPrompt:
+        """OpenAI-style messages (text, image_url / video_url / image / video parts).
+
+        `chat_template_kwargs` become template variables, e.g. {"enable_thinking": False}.
+        """
         normalized = normalize_messages(messages)
         if self.tokenizer.special.answer is not None:
             normalized = [strip_glm41v_history(m) for m in normalized]
         images, videos = collect_media(normalized)
         prompt = self.tokenizer.render_chat(normalized, tools=tools,
                                             add_generation_prompt=add_generation_prompt,
-                                            chat_template_source=chat_template, **template_kwargs)
+                                            chat_template_source=chat_template,
+                                            **dict(chat_template_kwargs or {}))
         return self.process(prompt, images, videos)
 
     def _expand(self, prompt: str | None, ids: list[int], images: list[ProcessedImage],

@@ -1,0 +1,161 @@
+"""Command line: `glmv generate`, `glmv make-tiny`.
+
+Errors glmv raises on purpose (bad input, missing files) print as one line on stderr with exit
+status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from glmv import __version__
+from glmv.errors import GlmvError
+from glmv.tiny.variants import SIZES, VARIANTS
+
+_MIB = 1024**2
+
+
+def _size_bytes(text: str) -> int:
+    """'2GB', '500MB', '1024' (bytes) -> bytes."""
+    units = {"KB": 1024, "MB": _MIB, "GB": 1024**3, "B": 1}
+    upper = text.strip().upper()
+    for suffix, factor in units.items():
+        if upper.endswith(suffix):
+            return int(float(upper[: -len(suffix)]) * factor)
+    return int(upper)
+
+
+def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny", help="write a random-weight checkpoint of a GLM-V variant")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--variant", required=True, choices=VARIANTS)
+    p.add_argument("--size", default="tiny", choices=SIZES,
+                   help="tiny: a few million parameters (tests); bench: a few hundred million "
+                        "with the real vocabulary (benchmarks)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--fp8", action="store_true",
+                   help="store linear weights block-wise in FP8 (GLM-4.5V-FP8 format)")
+    p.add_argument("--max-shard-size", default="2GB", type=_size_bytes,
+                   help="shard the safetensors above this size (e.g. 500MB)")
+    p.set_defaults(func=_make_tiny)
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from glmv.tiny.writer import TinyCheckpointSpec, write_checkpoint
+
+    spec = TinyCheckpointSpec(args.variant, args.size, args.seed, args.dtype, args.fp8,
+                              args.max_shard_size)
+    start = time.perf_counter()
+    path = write_checkpoint(args.out, spec)
+    print(f"wrote {args.variant} ({args.size}, RANDOM WEIGHTS, seed {args.seed}) to {path} "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete one prompt (text, images, video)")
+    p.add_argument("--model", default="demo",
+                   help="checkpoint folder or hub id; 'demo' (default) or 'demo:<variant>' is "
+                        "the built-in random-weight demo model")
+    p.add_argument("--prompt", required=True, help="the user message")
+    p.add_argument("--system", default=None, help="an optional system message")
+    p.add_argument("--image", action="append", default=[], help="image path or URL (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="video path or URL (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--no-thinking", action="store_true",
+                   help="chat_template_kwargs enable_thinking=false (hybrid models)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache size in GiB")
+    p.add_argument("--show-special-tokens", action="store_true",
+                   help="print special tokens (e.g. grounding boxes) in the output")
+    p.set_defaults(func=_generate)
+
+
+def _messages(args: argparse.Namespace) -> list[dict[str, object]]:
+    content: list[dict[str, object]] = [{"type": "image_url", "image_url": {"url": str(i)}}
+                                        for i in args.image]
+    content += [{"type": "video_url", "video_url": {"url": str(v)}} for v in args.video]
+    content.append({"type": "text", "text": args.prompt})
+    messages: list[dict[str, object]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": content})
+    return messages
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from glmv.checkpoint import resolve_model_path
+    from glmv.demo import demo_checkpoint, is_demo
+    from glmv.models.loader import load_model
+    from glmv.multimodal.media import MediaPolicy
+    from glmv.multimodal.processor import MultiModalProcessor
+    from glmv.runner.generate import GenerationRequest, generate
+    from glmv.runner.kv_cache import KVCacheSpec
+    from glmv.runner.model_runner import ModelRunner
+    from glmv.runner.sampler import SimpleSampling
+
+    if args.max_tokens < 1:
+        raise GlmvError("--max-tokens must be at least 1")
+    if is_demo(args.model):
+        path = demo_checkpoint(args.model)
+        print("glmv: using the built-in demo model (RANDOM WEIGHTS: the output is meaningless)",
+              file=sys.stderr)
+    else:
+        path = resolve_model_path(args.model)
+    processor = MultiModalProcessor.from_pretrained(path, media_policy=MediaPolicy.local())
+    kwargs = {"enable_thinking": False} if args.no_thinking else {}
+    prompt = processor.process_chat(_messages(args), chat_template_kwargs=kwargs)
+    model = load_model(path, processor.config, dtype=args.dtype, device=args.device)
+    dtype = next(model.parameters()).dtype
+    cache = KVCacheSpec.for_memory(processor.config.text, int(args.kv_cache_memory * 1024**3),
+                                   16, dtype)
+    runner = ModelRunner(model, cache, args.device)
+    sampling = SimpleSampling(args.temperature, args.top_p, args.top_k, args.seed)
+    request = GenerationRequest(prompt, args.max_tokens, sampling,
+                                stop_token_ids=processor.config.eos_token_ids)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        result = generate(runner, [request])[0]
+    elapsed = time.perf_counter() - start
+    text = processor.tokenizer.decode(result.token_ids,
+                                      skip_special_tokens=not args.show_special_tokens)
+    print(text)
+    print(f"glmv: {len(prompt.token_ids)} prompt tokens ({prompt.num_image_tokens} image, "
+          f"{prompt.num_video_tokens} video), {len(result.token_ids)} generated in "
+          f"{elapsed:.2f}s, finish_reason={result.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="glmv", description="GLM-V inference and serving")
+    parser.add_argument("--version", action="version", version=f"glmv {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_make_tiny(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except GlmvError as exc:
+        print(f"glmv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

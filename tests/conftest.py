@@ -1,0 +1,97 @@
+"""Shared fixtures: tiny random-weight checkpoints of every GLM-V variant, written once per session.
+
+Usage from any test module (models, parity, multimodal, ...):
+
+    from tests.conftest import VARIANTS
+
+    @pytest.mark.parametrize("variant", VARIANTS)
+    def test_something(tiny_checkpoint, variant):
+        ckpt = tiny_checkpoint(variant)          # pathlib.Path of the checkpoint folder
+        ...
+
+`tiny_checkpoint(variant)` writes `TinyCheckpointSpec(variant, size="tiny", seed=0,
+dtype="bfloat16")` the first time a variant is asked for and returns the same folder afterwards,
+so each variant costs one write (well under a second) per session. The folders are shared:
+treat them as read-only; copy one (`copy_checkpoint`) before changing files in it.
+`tiny_checkpoint(variant, seed=1, fp8=True, ...)` builds other specs the same way (each distinct
+spec is written once).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glmv.tiny.variants import VARIANTS as _TINY_VARIANTS
+from glmv.tiny.writer import TinyCheckpointSpec, write_checkpoint
+
+#: The four published GLM-V variants, in the order tests are parametrized over.
+VARIANTS: tuple[str, ...] = tuple(_TINY_VARIANTS)
+#: variant -> file name of the chat template it ships (glmv/assets/chat_templates).
+TEMPLATE_OF: dict[str, str] = {
+    "glm-4.1v-thinking": "glm41v",
+    "glm-4.5v": "glm45v",
+    "glm-4.6v": "glm46v",
+    "glm-4.6v-flash": "glm46v",
+}
+#: Variants whose tokenizer is the GLM-4.5 one (XML tool tags, /nothink, hybrid thinking).
+GLM45_LAYOUT: tuple[str, ...] = ("glm-4.6v-flash", "glm-4.5v", "glm-4.6v")
+
+TinyCheckpointFactory = Callable[..., Path]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> TinyCheckpointFactory:
+    """A function `(variant, **spec_fields) -> Path` returning a cached tiny checkpoint folder."""
+    cache: dict[TinyCheckpointSpec, Path] = {}
+
+    def get(variant: str, **spec_fields: Any) -> Path:
+        spec = TinyCheckpointSpec(variant, **{"size": "tiny", "seed": 0, **spec_fields})
+        if spec not in cache:
+            suffix = "-".join(f"{k}{v}" for k, v in sorted(spec_fields.items()))
+            name = f"{variant}-{suffix}" if suffix else variant
+            cache[spec] = write_checkpoint(tmp_path_factory.mktemp(name), spec)
+        return cache[spec]
+
+    return get
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    """A private copy of a shared checkpoint folder, for tests that edit or delete its files."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(tiny_checkpoint: TinyCheckpointFactory) -> Callable[[str], Any]:
+    """`(variant) -> transformers AutoTokenizer` of the seed-0 tiny checkpoint, loaded once.
+
+    Skips the test when transformers (the reference implementation) is not installed.
+    """
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    cache: dict[str, Any] = {}
+
+    def get(variant: str) -> Any:
+        if variant not in cache:
+            cache[variant] = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint(variant))
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def hf_processor(tiny_checkpoint: TinyCheckpointFactory) -> Callable[[str], Any]:
+    """`(variant) -> transformers AutoProcessor` of the seed-0 tiny checkpoint, loaded once."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    cache: dict[str, Any] = {}
+
+    def get(variant: str) -> Any:
+        if variant not in cache:
+            cache[variant] = transformers.AutoProcessor.from_pretrained(tiny_checkpoint(variant))
+        return cache[variant]
+
+    return get
