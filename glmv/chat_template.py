@@ -129,8 +129,8 @@ def plain_data(value: Any) -> Any:
         return [plain_data(v) for v in value]
     if isinstance(value, tuple):
         return tuple(plain_data(v) for v in value)
-    if hasattr(value, "item") and type(value).__module__ == "numpy":
-        return plain_data(value.item())
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0:
+        return plain_data(value.item())  # numpy scalars; arrays become a placeholder below
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: plain_data(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(getattr(value, "model_dump", None)):

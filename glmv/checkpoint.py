@@ -33,22 +33,31 @@ def resolve_model_path(model: str | os.PathLike[str], allow_download: bool | Non
     if path.is_dir():
         return path
     text = str(model)
-    if not _HUB_ID.match(text) or path.exists():
+    if path.exists():
+        raise CheckpointError(f"{text!r} is a file, not a model folder (the folder holding "
+                              "config.json and the *.safetensors)")
+    if not _HUB_ID.match(text):
         raise CheckpointError(f"model folder {text!r} does not exist")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(text, local_files_only=True, allow_patterns=_WEIGHT_PATTERNS))
     except LocalEntryNotFoundError:
         pass
-    if allow_download is False or (allow_download is None and os.environ.get("HF_HUB_OFFLINE")):
-        raise CheckpointError(f"{text!r} is not in the local Hugging Face cache and downloads "
-                              "are off (HF_HUB_OFFLINE)")
+    if allow_download is False or (allow_download is None and _hub_offline()):
+        raise CheckpointError(f"{text!r} is neither a local folder nor in the local Hugging "
+                              f"Face cache ({constants.HF_HUB_CACHE}), and downloads are off "
+                              "(HF_HUB_OFFLINE or allow_download=False)")
     try:
         return Path(snapshot_download(text, allow_patterns=_WEIGHT_PATTERNS))
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise CheckpointError(f"could not download {text!r}: {exc}") from exc
+
+
+def _hub_offline() -> bool:
+    """HF_HUB_OFFLINE read the way huggingface_hub reads it ("0" and "false" mean online)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def _linear(name: str, out_dim: int, in_dim: int, bias: bool = False) -> Iterator[TensorSpec]:

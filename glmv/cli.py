@@ -22,10 +22,14 @@ def _size_bytes(text: str) -> int:
     """'2GB', '500MB', '1024' (bytes) -> bytes."""
     units = {"KB": 1024, "MB": _MIB, "GB": 1024**3, "B": 1}
     upper = text.strip().upper()
-    for suffix, factor in units.items():
-        if upper.endswith(suffix):
-            return int(float(upper[: -len(suffix)]) * factor)
-    return int(upper)
+    try:
+        for suffix, factor in units.items():
+            if upper.endswith(suffix):
+                return int(float(upper[: -len(suffix)]) * factor)
+        return int(upper)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: use e.g. 500MB, 2GB or a number of bytes") from None
 
 
 def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +54,10 @@ def _make_tiny(args: argparse.Namespace) -> int:
     spec = TinyCheckpointSpec(args.variant, args.size, args.seed, args.dtype, args.fp8,
                               args.max_shard_size)
     start = time.perf_counter()
-    path = write_checkpoint(args.out, spec)
+    try:
+        path = write_checkpoint(args.out, spec)
+    except OSError as exc:  # out is a file, not writable, disk full ...
+        raise GlmvError(f"cannot write the checkpoint to {args.out!r}: {exc}") from exc
     print(f"wrote {args.variant} ({args.size}, RANDOM WEIGHTS, seed {args.seed}) to {path} "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
@@ -92,6 +99,30 @@ def _messages(args: argparse.Namespace) -> list[dict[str, object]]:
     return messages
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """Reject values the sampler or the device would fail on later with a bare traceback."""
+    import torch
+
+    if args.max_tokens < 1:
+        raise GlmvError("--max-tokens must be at least 1")
+    if not args.temperature >= 0:  # also catches nan
+        raise GlmvError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise GlmvError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.top_k < 0:
+        raise GlmvError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+    if not args.kv_cache_memory > 0:
+        raise GlmvError(f"--kv-cache-memory must be > 0 GiB, got {args.kv_cache_memory}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError as exc:
+        raise GlmvError(f"--device {args.device!r} is not a torch device ({exc})") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise GlmvError(f"--device {args.device!r}: no such CUDA device "
+                        f"({torch.cuda.device_count()} visible)")
+
+
 def _generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -105,8 +136,7 @@ def _generate(args: argparse.Namespace) -> int:
     from glmv.runner.model_runner import ModelRunner
     from glmv.runner.sampler import SimpleSampling
 
-    if args.max_tokens < 1:
-        raise GlmvError("--max-tokens must be at least 1")
+    _check_generate_args(args)
     if is_demo(args.model):
         path = demo_checkpoint(args.model)
         print("glmv: using the built-in demo model (RANDOM WEIGHTS: the output is meaningless)",

@@ -66,8 +66,10 @@ def validate_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
     unscaled = [n for n in fp8 if n[: -len(".weight")] + _SCALE_SUFFIX not in present]
     if unscaled:
         raise CheckpointError(f"FP8 tensors without a weight_scale_inv: {unscaled}")
-    if fp8 and cfg.quantization is None:
-        raise CheckpointError("the checkpoint has FP8 tensors but config.json has no "
+    if (fp8 or scales) and cfg.quantization is None:
+        # Scales without a block size cannot be applied: say so instead of guessing.
+        what = "FP8 tensors" if fp8 else f"weight_scale_inv tensors ({sorted(scales)[0]}, ...)"
+        raise CheckpointError(f"the checkpoint has {what} but config.json has no "
                               "quantization_config")
 
 

@@ -128,6 +128,19 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def target_size(config: PatchConfig, num_frames: int, height: int, width: int) -> tuple[int, int]:
+    """`smart_resize` with a processor config's factor and pixel budget."""
+    return smart_resize(
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        temporal_factor=config.temporal_patch_size,
+        factor=config.factor,
+        min_pixels=config.min_pixels,
+        max_pixels=config.max_pixels,
+    )
+
+
 def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Bicubic antialiased resize of uint8 [N, 3, H, W] to [N, 3, height, width].
 
@@ -222,15 +235,7 @@ def process_image(
     """Resize, normalise and patchify one image like `Glm4vImageProcessor` (torchvision)."""
     frame = _to_chw_tensor(image, config.do_convert_rgb)  # [3, H, W] uint8
     height, width = int(frame.shape[-2]), int(frame.shape[-1])
-    resized_h, resized_w = smart_resize(
-        num_frames=config.temporal_patch_size,
-        height=height,
-        width=width,
-        temporal_factor=config.temporal_patch_size,
-        factor=config.factor,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-    )
+    resized_h, resized_w = target_size(config, config.temporal_patch_size, height, width)
     resized = resize_frames(frame[None], resized_h, resized_w)  # [1, 3, h, w] uint8
     normalized = normalize_frames(resized, config)  # [1, 3, h, w] float32
     # An image is one temporal patch: the frame repeated temporal_patch_size times.
@@ -256,15 +261,7 @@ def process_images(
 
 def image_num_tokens(height: int, width: int, config: ImageProcessorConfig) -> int:
     """Placeholder tokens for an image of this size, without touching pixels."""
-    resized_h, resized_w = smart_resize(
-        num_frames=config.temporal_patch_size,
-        height=height,
-        width=width,
-        temporal_factor=config.temporal_patch_size,
-        factor=config.factor,
-        min_pixels=config.min_pixels,
-        max_pixels=config.max_pixels,
-    )
+    resized_h, resized_w = target_size(config, config.temporal_patch_size, height, width)
     grid_h, grid_w = resized_h // config.patch_size, resized_w // config.patch_size
     return grid_h * grid_w // config.merge_size**2
 

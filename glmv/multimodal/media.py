@@ -11,7 +11,7 @@ import binascii
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import unquote, unquote_to_bytes, urlparse
 
 from glmv.errors import MediaError
 
@@ -30,6 +30,12 @@ class MediaPolicy:
     _roots: tuple[Path, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # One folder or domain given as a plain string must not become a tuple of characters
+        # (the folder "/" among them would allow every file).
+        if isinstance(self.allowed_local_paths, (str, os.PathLike)):
+            object.__setattr__(self, "allowed_local_paths", (os.fspath(self.allowed_local_paths),))
+        if isinstance(self.allowed_domains, str):
+            object.__setattr__(self, "allowed_domains", (self.allowed_domains,))
         roots = tuple(Path(p).expanduser().resolve() for p in self.allowed_local_paths)
         object.__setattr__(self, "_roots", roots)
 
@@ -53,6 +59,14 @@ class MediaPolicy:
             raise MediaError(f"media domain {host!r} is not allowed (--allowed-media-domains)")
 
 
+def describe_source(source: object, limit: int = 120) -> str:
+    """A short name for a media source in error messages (data URLs are not echoed)."""
+    text = str(source)
+    if text.startswith("data:"):
+        return f"data URL ({text.partition(',')[0]}, {len(text)} characters)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://", "data:", "file://"))
 
@@ -61,25 +75,40 @@ def _data_url(source: str, max_bytes: int) -> bytes:
     header, sep, payload = source.partition(",")
     if not sep:
         raise MediaError("data URL has no ',' separating header and data")
-    if len(payload) * 3 // 4 > max_bytes:
-        raise MediaError(f"data URL is larger than the {max_bytes}-byte limit")
-    if header.endswith(";base64"):
+    too_large = MediaError(f"data URL is larger than the {max_bytes}-byte limit")
+    if header.lower().endswith(";base64"):
+        compact = "".join(payload.split())  # MIME-style line breaks are allowed
+        if len(compact) // 4 * 3 - 2 > max_bytes:  # refuse before decoding
+            raise too_large
         try:
-            return base64.b64decode(payload, validate=False)
+            # validate=True: stray characters are an error, not silently dropped.
+            data = base64.b64decode(compact, validate=True)
         except (binascii.Error, ValueError) as exc:
             raise MediaError(f"data URL is not valid base64: {exc}") from exc
-    return unquote(payload).encode("latin-1", errors="replace")
+    else:
+        if len(payload) // 3 > max_bytes:
+            raise too_large
+        # RFC 2397: percent-encoded octets (not UTF-8 text, which would mangle binary data).
+        data = unquote_to_bytes(payload)
+    if len(data) > max_bytes:
+        raise too_large
+    return data
 
 
 def _http(source: str, policy: MediaPolicy) -> bytes:
     import httpx
 
-    host = urlparse(source).hostname or ""
-    policy.check_domain(host)
+    policy.check_domain(urlparse(source).hostname or "")
+
+    def check_redirect(request: httpx.Request) -> None:
+        # Every hop of a redirect chain must be allowed, not just the first URL.
+        policy.check_domain(request.url.host)
+
+    client = httpx.Client(timeout=policy.timeout_s, follow_redirects=True,
+                          event_hooks={"request": [check_redirect]})
     chunks, size = [], 0
     try:
-        with httpx.stream("GET", source, timeout=policy.timeout_s,
-                          follow_redirects=True) as response:
+        with client, client.stream("GET", source) as response:
             if response.status_code >= 400:
                 raise MediaError(f"fetching {source} failed: HTTP {response.status_code}")
             for chunk in response.iter_bytes():
@@ -111,5 +140,9 @@ def fetch_bytes(source: str, policy: MediaPolicy) -> bytes:
     if source.startswith(("http://", "https://")):
         return _http(source, policy)
     if source.startswith("file://"):
-        return _local(Path(unquote(urlparse(source).path)), policy)
+        url = urlparse(source)
+        if url.netloc not in ("", "localhost"):
+            raise MediaError(f"file URL {source!r} names host {url.netloc!r}; only local files "
+                             "(file:///path) can be read")
+        return _local(Path(unquote(url.path)), policy)
     return _local(Path(source), policy)

@@ -7,7 +7,8 @@
     positions [3, L] + decode delta (rope_index.py)
 
 Equal to transformers' processor on the same prompt and media: the expanded prompt tokenizes the
-same because every expansion boundary is a special token.
+same because every expansion boundary is a special token, except the end of a video's last
+timestamp, which is tokenized together with any text that follows it directly.
 """
 
 from __future__ import annotations
@@ -24,10 +25,10 @@ import torch
 
 from glmv.chat_template import normalize_messages
 from glmv.config import ModelConfig
-from glmv.errors import MediaError, PromptError
+from glmv.errors import ImageError, MediaError, PromptError, VideoError
 from glmv.multimodal.hashing import hash_pixels
 from glmv.multimodal.image import ProcessedImage, load_image, process_image
-from glmv.multimodal.media import MediaPolicy, fetch_bytes
+from glmv.multimodal.media import MediaPolicy, describe_source, fetch_bytes
 from glmv.multimodal.processor_config import (
     ImageProcessorConfig,
     VideoProcessorConfig,
@@ -110,15 +111,26 @@ class MultiModalProcessor:
     # ------------------------------------------------------------------ media
 
     def load_image(self, source: ImageInput) -> PIL.Image.Image | np.ndarray:
-        if isinstance(source, (PIL.Image.Image, np.ndarray, bytes)):
-            return load_image(source) if isinstance(source, bytes) else source
-        return load_image(fetch_bytes(str(source), self.media_policy))
+        if isinstance(source, (PIL.Image.Image, np.ndarray)):
+            return source
+        if isinstance(source, bytes):
+            return load_image(source)
+        data = fetch_bytes(str(source), self.media_policy)
+        try:
+            return load_image(data)
+        except ImageError as exc:
+            raise ImageError(f"{describe_source(source)}: {exc}") from exc
 
     def load_video(self, source: VideoInput, fps: float | None = None) -> DecodedVideo:
         if isinstance(source, DecodedVideo):
             return source
-        data = source if isinstance(source, bytes) else fetch_bytes(str(source), self.media_policy)
-        return decode_video(data, self.video_config, fps=fps)
+        if isinstance(source, bytes):
+            return decode_video(source, self.video_config, fps=fps)
+        data = fetch_bytes(str(source), self.media_policy)
+        try:
+            return decode_video(data, self.video_config, fps=fps)
+        except VideoError as exc:
+            raise VideoError(f"{describe_source(source)}: {exc}") from exc
 
     def preprocess_image(self, source: ImageInput) -> ProcessedImage:
         return process_image(self.load_image(source), self.image_config)
@@ -158,7 +170,8 @@ class MultiModalProcessor:
         if self.tokenizer.special.answer is not None:
             normalized = [strip_glm41v_history(m) for m in normalized]
         images, videos = collect_media(normalized)
-        prompt = self.tokenizer.render_chat(normalized, tools=tools,
+        # The template only tests which parts are media; it never sees the media objects.
+        prompt = self.tokenizer.render_chat([_without_media(m) for m in normalized], tools=tools,
                                             add_generation_prompt=add_generation_prompt,
                                             chat_template_source=chat_template,
                                             **dict(chat_template_kwargs or {}))
@@ -177,7 +190,10 @@ class MultiModalProcessor:
         out: list[int] = []
         items: list[MultiModalItem] = []
         image_iter, video_iter = iter(images), iter(videos)
-        for token in ids:
+        index = 0
+        while index < len(ids):
+            token = ids[index]
+            index += 1
             if token == sp.image:
                 image = next(image_iter)
                 items.append(self._item("image", image, len(out), image.num_tokens, [],
@@ -185,7 +201,14 @@ class MultiModalProcessor:
                 out.extend([sp.image] * image.num_tokens)
             elif token == sp.video:
                 video = next(video_iter)
-                tokens = self._video_tokens(video)
+                # Text right after <|video|> (no <|end_of_video|> between) joins the last
+                # timestamp in transformers' expanded text, so they are tokenized together.
+                tail_end = index
+                while tail_end < len(ids) and ids[tail_end] not in self.tokenizer.special_ids:
+                    tail_end += 1
+                tail = self.tokenizer.decode(ids[index:tail_end]) if tail_end > index else ""
+                index = tail_end
+                tokens = self._video_tokens(video, tail)
                 embeds = [i for i, t in enumerate(tokens) if t == sp.image]
                 items.append(self._item("video", video, len(out) + embeds[0],
                                         embeds[-1] - embeds[0] + 1, video.timestamps, None))
@@ -203,14 +226,16 @@ class MultiModalProcessor:
     def _timestamp(self, seconds: float) -> str:
         return timestamp_text(seconds, self.video_config.timestamp_style)
 
-    def _video_tokens(self, video: ProcessedVideo) -> list[int]:
+    def _video_tokens(self, video: ProcessedVideo, tail: str = "") -> list[int]:
+        """The expansion of one <|video|>, plus `tail`: text that follows it directly."""
         sp = self.tokenizer.special
         tokens: list[int] = []
-        for seconds in video.timestamps:
+        for k, seconds in enumerate(video.timestamps):
             tokens.append(sp.begin_of_image)
             tokens.extend([sp.image] * video.tokens_per_frame)
             tokens.append(sp.end_of_image)
-            tokens.extend(self.tokenizer.encode(self._timestamp(seconds)))
+            last = k == len(video.timestamps) - 1
+            tokens.extend(self.tokenizer.encode(self._timestamp(seconds) + (tail if last else "")))
         return tokens
 
     @staticmethod
@@ -239,6 +264,18 @@ def _media_source(part: Mapping[str, Any], modality: str) -> Any:
                      f"{', '.join(_MEDIA_KEYS[modality])})")
 
 
+def _media_kind(part: Any) -> str | None:
+    """"image" / "video" for a media content part (as the templates tell), else None."""
+    if not isinstance(part, Mapping):
+        return None
+    kind = part.get("type")
+    if kind == "video" or (kind != "image" and "video" in part):
+        return "video"
+    if kind == "image" or "image" in part:
+        return "image"
+    return None
+
+
 def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
     """Image and video sources in the order the templates render their placeholders."""
     images: list[Any] = []
@@ -248,14 +285,28 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], lis
         if not isinstance(content, list):
             continue
         for part in content:
-            if not isinstance(part, Mapping):
-                continue
-            kind = part.get("type")
-            if kind == "video" or (kind != "image" and "video" in part):
-                videos.append(_media_source(part, "video"))
-            elif kind == "image" or "image" in part:
-                images.append(_media_source(part, "image"))
+            kind = _media_kind(part)
+            if kind is not None:
+                (videos if kind == "video" else images).append(_media_source(part, kind))
     return images, videos
+
+
+def _without_media(message: dict[str, Any]) -> dict[str, Any]:
+    """`message` with the media objects in its parts replaced by a marker string.
+
+    Templates only test whether a part is media, and the sandbox's plain-data copy cannot hold
+    arbitrary media objects (numpy frames, decoded videos).
+    """
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    parts: list[Any] = []
+    for part in content:
+        kind = _media_kind(part)
+        if kind is not None:
+            part = {k: f"<{kind}>" if k in _MEDIA_KEYS[kind] else v for k, v in part.items()}
+        parts.append(part)
+    return {**message, "content": parts}
 
 
 _THINK_SPAN = re.compile(r"<think>.*?</think>", re.DOTALL)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from glmv.errors import ImageError, VideoError
-from glmv.multimodal.image import normalize_frames, patchify, resize_frames, smart_resize
+from glmv.multimodal.image import normalize_frames, patchify, resize_frames, target_size
 from glmv.multimodal.processor_config import VideoProcessorConfig
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -361,15 +361,7 @@ def _process_sampled(
     tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
     try:
         # One size for the whole clip: the area budget is shared by all sampled frames.
-        resized_h, resized_w = smart_resize(
-            num_frames=num_frames,
-            height=height,
-            width=width,
-            temporal_factor=config.temporal_patch_size,
-            factor=config.factor,
-            min_pixels=config.min_pixels,
-            max_pixels=config.max_pixels,
-        )
+        resized_h, resized_w = target_size(config, num_frames, height, width)
     except ImageError as e:
         raise VideoError(f"cannot resize video of {num_frames} frames {height}x{width}: {e}") from e
     resized = resize_frames(tensor, resized_h, resized_w)  # [N, 3, h, w] uint8

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Install glmv with its test extras into ./.venv, then run every check CI runs:
+# ruff, mypy, import-linter (dependency levels) and the test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+# torch pinned: 2.13.0 is the local CPU wheel; an unpinned torch would pull CUDA packages.
+pip install --quiet --disable-pip-version-check torch==2.13.0
+pip install --quiet --disable-pip-version-check -e ".[test]"
+# transformers' video processors (reference only) import torchvision; no CPU build exists.
+pip install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0
+python scripts/patch_torchvision.py
+
+ruff check glmv tests scripts
+mypy
+lint-imports
+pytest -n 2 -q -p no:cacheprovider

@@ -1,0 +1,89 @@
+"""glmv's models equal transformers' on tiny random checkpoints: logits, greedy tokens, bf16.
+
+Tolerances (logits, relative to the reference logits' max |value|):
+- float32: 1e-4 (observed ~3e-6).
+- bfloat16 against transformers with its eager expert loop: 1e-2 (observed bit-equal).
+- bfloat16 against transformers' default grouped-matmul experts (glm4v_moe): that kernel rounds
+  expert outputs differently by one bf16 ulp, and where two experts' scores nearly tie the
+  choice of expert can flip for a token, moving its whole row. So the bound is per position:
+  median row error <= 1e-2 and >= 85% of positions within 5e-2 (observed median ~4e-3, 93-100%
+  of positions within, the rest are routing flips).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from glmv.runner.generate import GenerationRequest, generate
+from glmv.runner.kv_cache import KVCacheSpec
+from glmv.runner.model_runner import ModelRunner
+from tests.conftest import VARIANTS
+from tests.parity.conftest import CASES, glmv_logits, glmv_prompt
+
+FP32_TOL = 1e-4
+BF16_TOL = 1e-2
+BF16_GROUPED_MEDIAN = 1e-2
+BF16_GROUPED_ROW_TOL = 5e-2
+BF16_GROUPED_MIN_FRACTION = 0.85
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got - want).abs().max() / want.abs().max())
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_equal_transformers_fp32(variant: str, case: str, cases: Any, ours: Any,
+                                        reference: Any) -> None:
+    processor, model = ours(variant)
+    ref = reference(variant)
+    prompt = glmv_prompt(processor, cases[case])
+    want = ref.logits(cases[case])
+    assert prompt.token_ids == ref.inputs(cases[case])["input_ids"][0].tolist()
+    got = glmv_logits(model, prompt)
+    assert got.shape == want.shape
+    assert _relative_error(got, want) <= FP32_TOL
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_greedy_tokens_equal_transformers(variant: str, cases: Any, ours: Any,
+                                          reference: Any) -> None:
+    """16 greedy tokens for every case, all decoded together over the paged KV cache."""
+    processor, model = ours(variant)
+    ref = reference(variant)
+    prompts = [glmv_prompt(processor, cases[c]) for c in CASES]
+    cache = KVCacheSpec.for_memory(model.config.text, 32 << 20, 16, torch.float32)
+    results = generate(ModelRunner(model, cache),
+                       [GenerationRequest(p, max_tokens=16) for p in prompts])
+    for case, result in zip(CASES, results, strict=True):
+        assert result.token_ids == ref.greedy(cases[case], 16), case
+        assert result.finish_reason == "length"
+
+
+@pytest.mark.parametrize("case", ["text", "image", "video"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_logits_bf16(variant: str, case: str, cases: Any, ours: Any, reference: Any) -> None:
+    processor, model = ours(variant, torch.bfloat16)
+    ref = reference(variant)
+    got = glmv_logits(model, glmv_prompt(processor, cases[case]))
+    eager = ref.logits(cases[case], torch.bfloat16, experts="eager")
+    assert _relative_error(got, eager) <= BF16_TOL
+    if processor.config.text.moe is not None:
+        grouped = ref.logits(cases[case], torch.bfloat16)
+        rows = (got - grouped).abs().amax(-1) / grouped.abs().amax()  # per position
+        assert float(rows.median()) <= BF16_GROUPED_MEDIAN
+        assert float((rows <= BF16_GROUPED_ROW_TOL).float().mean()) >= BF16_GROUPED_MIN_FRACTION
+
+
+@pytest.mark.parametrize("variant", ["glm-4.6v-flash", "glm-4.5v"])
+def test_image_content_moves_logits(variant: str, cases: Any, ours: Any, photos: Any) -> None:
+    """The vision path matters far beyond the parity tolerance (a bug there could not hide)."""
+    processor, model = ours(variant)
+    case = cases["image"]
+    first = glmv_logits(model, glmv_prompt(processor, case))
+    swapped = type(case)(case.messages, [photos[1].resize(photos[0].size)])
+    second = glmv_logits(model, glmv_prompt(processor, swapped))
+    assert _relative_error(second, first) > 1000 * FP32_TOL
