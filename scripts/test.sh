@@ -16,7 +16,7 @@ pip install --quiet --disable-pip-version-check -e ".[test]"
 pip install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0
 python scripts/patch_torchvision.py
 
-ruff check glmv tests scripts
+ruff check glmv tests scripts bench
 mypy
 lint-imports
 pytest -n 2 -q -p no:cacheprovider

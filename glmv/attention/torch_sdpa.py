@@ -65,8 +65,11 @@ def sdpa_attention(
             ki, vi = k[start:end], v[start:end]
         qi = q[start:end].transpose(0, 1)[None]  # [1, heads, q_len, D]
         ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]  # [1, kv_heads, s, D]
-        mask = _causal_mask(end - start, seq_len, q.device)
+        # A whole-sequence prefill is plain causal attention: let SDPA pick its fused kernel.
+        full = end - start == seq_len
+        mask = None if full else _causal_mask(end - start, seq_len, q.device)
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
+                                            is_causal=full and seq_len > 1,
                                             enable_gqa=num_heads != num_kv_heads)
         out[start:end] = oi[0].transpose(0, 1)
     return out
