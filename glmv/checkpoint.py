@@ -14,13 +14,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from glmv.config import ModelConfig
-from glmv.errors import CheckpointError
+from glmv.config import DTYPE_NAMES, ModelConfig
+from glmv.errors import CheckpointError, ConfigError
 
 # (name, shape, kind); kind: "linear", "embed", "norm", "bias", "route_bias".
 TensorSpec = tuple[str, tuple[int, ...], str]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.md"]
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype named `name` (one of DTYPE_NAMES); ConfigError for anything else."""
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"unknown dtype {name!r}; choose from {', '.join(DTYPE_NAMES)}")
+    import torch
+
+    return getattr(torch, name)
 
 
 def resolve_model_path(model: str | os.PathLike[str], allow_download: bool | None = None) -> Path:

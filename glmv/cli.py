@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 
 from glmv import __version__
+from glmv.config import DTYPE_NAMES
 from glmv.errors import GlmvError
 from glmv.tiny.variants import SIZES, VARIANTS
 
@@ -40,7 +41,7 @@ def _add_make_tiny(sub: argparse._SubParsersAction) -> None:
                    help="tiny: a few million parameters (tests); bench: a few hundred million "
                         "with the real vocabulary (benchmarks)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_NAMES)
     p.add_argument("--fp8", action="store_true",
                    help="store linear weights block-wise in FP8 (GLM-4.5V-FP8 format)")
     p.add_argument("--max-shard-size", default="2GB", type=_size_bytes,
@@ -54,10 +55,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
     spec = TinyCheckpointSpec(args.variant, args.size, args.seed, args.dtype, args.fp8,
                               args.max_shard_size)
     start = time.perf_counter()
-    try:
-        path = write_checkpoint(args.out, spec)
-    except OSError as exc:  # out is a file, not writable, disk full ...
-        raise GlmvError(f"cannot write the checkpoint to {args.out!r}: {exc}") from exc
+    path = write_checkpoint(args.out, spec)
     print(f"wrote {args.variant} ({args.size}, RANDOM WEIGHTS, seed {args.seed}) to {path} "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
@@ -79,7 +77,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-thinking", action="store_true",
                    help="chat_template_kwargs enable_thinking=false (hybrid models)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache size in GiB")
     p.add_argument("--show-special-tokens", action="store_true",

@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from glmv.errors import ConfigError, UnsupportedModelError
+from glmv.errors import ConfigError, GlmvError, UnsupportedModelError
 
 #: model_type -> (architecture, text rope style). The two decoders of the family.
 SUPPORTED_MODEL_TYPES: dict[str, tuple[str, str]] = {
@@ -24,6 +24,19 @@ SUPPORTED_MODEL_TYPES: dict[str, tuple[str, str]] = {
     "glm4v_moe": ("Glm4vMoeForConditionalGeneration", "neox"),
 }
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+def read_json_object(path: Path, error: type[GlmvError], what: str) -> dict[str, Any]:
+    """A JSON object from `path`; every failure raises `error` naming `what` and the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise error(f"{what} {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise error(f"{what} {path} must hold a JSON object, got {type(data).__name__}")
+    return data
 
 
 def _require(d: Mapping[str, Any], key: str, where: str) -> Any:
@@ -296,20 +309,13 @@ class ModelConfig:
     tie_word_embeddings: bool
     dtype: str  # dtype the checkpoint was saved in ("bfloat16", ...)
     quantization: QuantizationConfig | None = None
-    raw: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path} not found: is {model_dir} a GLM-V checkpoint folder?")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, ConfigError, "model config"))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -326,14 +332,15 @@ class ModelConfig:
                 f"architecture {declared[0]!r} does not match model_type {model_type!r} "
                 f"(expected {architecture})"
             )
-        # Legacy files keep the text keys at the top level; nested keys win.
+        # Text keys: legacy files keep them at the top level, nested text_config wins.
+        # Token ids: published at the top level (text_config may repeat them), top level wins.
         text_dict = {k: v for k, v in data.items() if k not in ("text_config", "vision_config")}
         text_dict.update(data.get("text_config") or {})
         if "vision_config" not in data:
             raise ConfigError("config.json has no vision_config")
-        eos = text_dict.get("eos_token_id", data.get("eos_token_id"))
+        eos = text_dict.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        quant = data.get("quantization_config") or text_dict.get("quantization_config")
+        quant = text_dict.get("quantization_config")
         ids = {key: data.get(key, text_dict.get(key)) for key in (
             "image_token_id", "video_token_id", "image_start_token_id", "image_end_token_id",
             "video_start_token_id", "video_end_token_id")}
@@ -355,11 +362,11 @@ class ModelConfig:
             vision=vision,
             eos_token_ids=eos_ids,
             pad_token_id=text_dict.get("pad_token_id"),
+            # transformers: the root flag, or text_config's (older saves put it there).
             tie_word_embeddings=bool(
                 data.get("tie_word_embeddings") or text_dict.get("tie_word_embeddings")
             ),
             dtype=dtype if dtype in DTYPE_NAMES else "bfloat16",
             quantization=QuantizationConfig.from_dict(quant) if quant else None,
-            raw=dict(data),
             **ids,
         )

@@ -14,7 +14,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from glmv.errors import GlmvError
+from glmv.errors import CheckpointError, GlmvError
 from glmv.tiny.variants import VARIANTS
 from glmv.tiny.writer import FORMAT_VERSION, TinyCheckpointSpec, write_checkpoint
 
@@ -40,8 +40,17 @@ def demo_checkpoint(model: str = DEMO_PREFIX) -> Path:
         return path
     print(f"glmv: writing the demo checkpoint {variant} (RANDOM WEIGHTS) to {path}",
           file=sys.stderr)
+    try:
+        _write_atomically(path, variant)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the demo checkpoint to {str(path)!r} ({exc}); "
+                              "set GLMV_CACHE_DIR to a writable folder") from exc
+    return path
+
+
+def _write_atomically(path: Path, variant: str) -> None:
+    """Write beside the target and rename, so a half-written folder is never used."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and rename, so a half-written folder is never used.
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
         write_checkpoint(tmp, TinyCheckpointSpec(variant, "tiny", seed=0))
@@ -52,4 +61,3 @@ def demo_checkpoint(model: str = DEMO_PREFIX) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path

@@ -7,7 +7,6 @@ test checkpoints use other ids again.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 
 from glmv import chat_template
+from glmv.config import read_json_object
 from glmv.errors import ChatTemplateError, TokenizerError
 
 # Tokens every GLM-V tokenizer has; a checkpoint without them is not a GLM-V checkpoint.
@@ -150,22 +150,17 @@ class Tokenizer:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerError(f"{path} must hold a JSON object")
-    return data
+    return read_json_object(path, TokenizerError, "tokenizer file") if path.is_file() else {}
 
 
 def _read_template(root: Path, config: Mapping[str, Any]) -> str | None:
     """chat_template.jinja wins over the older `chat_template` key of tokenizer_config.json."""
     path = root / "chat_template.jinja"
     if path.is_file():
-        return path.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenizerError(f"cannot read chat template {path}: {exc}") from exc
     legacy = root / "chat_template.json"
     if legacy.is_file():
         value = _read_json(legacy).get("chat_template")

@@ -10,7 +10,7 @@ context in the KV cache; its first new token sits at position seq_lens[i] - quer
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor | None = None  # [num_tokens] int64 KV slot per new token
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32 block ids
     block_size: int = 0  # tokens per KV block (0 when there is no cache)
+    # Causal masks built for this step, reused by every layer: (seq index) -> mask.
+    _masks: dict[int, torch.Tensor | None] = field(default_factory=dict, init=False,
+                                                   repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.query_start_loc) != len(self.seq_lens) + 1:
@@ -33,6 +36,9 @@ class AttentionMetadata:
                 raise ValueError(f"sequence {i} has more new tokens than context")
         if (self.slot_mapping is None) != (self.block_tables is None):
             raise ValueError("slot_mapping and block_tables come together")
+        if self.slot_mapping is None and any(
+                self.query_len(i) != n for i, n in enumerate(self.seq_lens)):
+            raise ValueError("without a KV cache each sequence's new tokens are its whole context")
 
     @property
     def num_seqs(self) -> int:
@@ -48,6 +54,18 @@ class AttentionMetadata:
 
     def query_len(self, i: int) -> int:
         return self.query_start_loc[i + 1] - self.query_start_loc[i]
+
+    def causal_mask(self, i: int, device: torch.device) -> torch.Tensor | None:
+        """Bool [query_len, seq_len] for sequence i: new token j (position seq_len - query_len
+        + j) sees keys at positions <= its own. None when one query token sees everything."""
+        if i not in self._masks:
+            query_len, seq_len = self.query_len(i), self.seq_lens[i]
+            mask = None
+            if query_len > 1:
+                rows = torch.arange(query_len, device=device)[:, None] + (seq_len - query_len)
+                mask = torch.arange(seq_len, device=device)[None, :] <= rows
+            self._masks[i] = mask
+        return self._masks[i]
 
     @classmethod
     def without_cache(cls, query_lens: list[int]) -> AttentionMetadata:

@@ -29,16 +29,6 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
     return k, v
 
 
-def _causal_mask(query_len: int, seq_len: int, device: torch.device) -> torch.Tensor | None:
-    """Bool [query_len, seq_len]: new token j (position seq_len - query_len + j) sees keys <= j."""
-    if query_len == 1:
-        return None
-    offset = seq_len - query_len
-    rows = torch.arange(query_len, device=device)[:, None] + offset
-    cols = torch.arange(seq_len, device=device)[None, :]
-    return cols <= rows
-
-
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -51,25 +41,25 @@ def sdpa_attention(
     if kv_cache is not None and meta.uses_cache:
         assert meta.slot_mapping is not None and meta.block_tables is not None
         write_kv(kv_cache, k, v, meta.slot_mapping)
-    num_heads, num_kv_heads = q.shape[1], k.shape[1]
+    gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
         if start == end:
             continue
         seq_len = meta.seq_lens[i]
-        if kv_cache is not None and meta.uses_cache:
+        # A step that holds the whole sequence attends to its own new keys: no gather, and
+        # SDPA's causal kernel instead of an explicit mask.
+        whole = end - start == seq_len
+        if whole or kv_cache is None or not meta.uses_cache:
+            ki, vi = k[start:end], v[start:end]
+        else:
             assert meta.block_tables is not None
             ki, vi = _gather_context(kv_cache, meta.block_tables[i], seq_len, meta.block_size)
-        else:
-            ki, vi = k[start:end], v[start:end]
         qi = q[start:end].transpose(0, 1)[None]  # [1, heads, q_len, D]
         ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]  # [1, kv_heads, s, D]
-        # A whole-sequence prefill is plain causal attention: let SDPA pick its fused kernel.
-        full = end - start == seq_len
-        mask = None if full else _causal_mask(end - start, seq_len, q.device)
+        mask = None if whole else meta.causal_mask(i, q.device)
         oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale,
-                                            is_causal=full and seq_len > 1,
-                                            enable_gqa=num_heads != num_kv_heads)
+                                            is_causal=whole and seq_len > 1, enable_gqa=gqa)
         out[start:end] = oi[0].transpose(0, 1)
     return out

@@ -16,12 +16,8 @@ class Attention(nn.Module):
     sequence's new tokens are its whole context).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, num_kv_heads: int, scale: float,
-                 backend: str = "torch_sdpa") -> None:
+    def __init__(self, scale: float, backend: str = "torch_sdpa") -> None:
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.kv_cache: torch.Tensor | None = None
         self._backend: AttentionFn = get_backend(backend)

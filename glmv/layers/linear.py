@@ -13,7 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmv.errors import WeightMismatchError
+
+class ShapeMismatch(ValueError):
+    """A checkpoint tensor does not fit its parameter (the loader adds the tensor's name)."""
+
+    def __init__(self, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+        super().__init__(f"shape {list(got)} does not fit {list(want)}")
+        self.got = got
+        self.want = want
+
+
+def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
+    """Copy `loaded` into `target` (casting dtype) after checking the shapes agree."""
+    if target.shape != loaded.shape:
+        raise ShapeMismatch(tuple(loaded.shape), tuple(target.shape))
+    target.copy_(loaded)
 
 
 class Linear(nn.Module):
@@ -51,10 +65,7 @@ class MergedLinear(Linear):
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
         offset, size = self.shard_offsets[shard_id]
-        target = param.data.narrow(0, offset, size)
-        if target.shape != loaded.shape:
-            raise WeightMismatchError([], [], [("", tuple(loaded.shape), tuple(target.shape))])
-        target.copy_(loaded)
+        copy_checked(param.data.narrow(0, offset, size), loaded)
 
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split an output [..., out_features] back into its shards, in order."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from glmv.config import MoEConfig
 from glmv.layers.activation import silu_and_mul
+from glmv.layers.linear import copy_checked
 
 
 class TopkRouter(nn.Module):
@@ -55,6 +56,22 @@ class FusedExperts(nn.Module):
         self.intermediate_size = intermediate_size
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Checkpoints store experts one by one: shard (e, "gate"|"up") of w13, (e, "down") of w2.
+        self.w13.weight_loader = self._load_w13  # type: ignore[attr-defined]
+        self.w13.shard_ids = tuple(  # type: ignore[attr-defined]
+            (e, part) for e in range(num_experts) for part in ("gate", "up"))
+        self.w2.weight_loader = self._load_w2  # type: ignore[attr-defined]
+        self.w2.shard_ids = tuple((e, "down") for e in range(num_experts))  # type: ignore[attr-defined]
+
+    def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
+        assert isinstance(shard, tuple)
+        expert, part = shard
+        offset = 0 if part == "gate" else self.intermediate_size
+        copy_checked(param.data[expert].narrow(0, offset, self.intermediate_size), loaded)
+
+    def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
+        assert isinstance(shard, tuple)
+        copy_checked(param.data[shard[0]], loaded)
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden]; weights, ids: [N, k] -> [N, hidden].

@@ -21,15 +21,18 @@ from torch import nn
 
 from glmv.attention.metadata import AttentionMetadata
 from glmv.config import ModelConfig, TextConfig
-from glmv.layers.activation import silu_and_mul
 from glmv.layers.attention import Attention
 from glmv.layers.embedding import VocabEmbedding
 from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm
 from glmv.layers.rotary import MRotaryEmbedding
 from glmv.models.glm4v_vision import Glm4vVisionModel
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: [N, rotary_dim]
+
+
+ShardId = object  # e.g. "q" / "k" / "v", 0 / 1 (gate / up), (expert, "gate"|"up"|"down")
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,7 @@ class WeightRule:
 
     pattern: re.Pattern[str]
     target: str
-    shard: Callable[[re.Match[str]], object]
+    shard: Callable[[re.Match[str]], ShardId]
 
 
 def rule(pattern: str, target: str, shard: object = None) -> WeightRule:
@@ -69,8 +72,7 @@ class Glm4vTextAttention(nn.Module):
             bias=cfg.attention_bias,
         )
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
-        self.attn = Attention(self.num_heads, self.head_dim, self.num_kv_heads,
-                              scale=self.head_dim**-0.5)
+        self.attn = Attention(scale=self.head_dim**-0.5)
 
     def forward(self, h: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -83,17 +85,9 @@ class Glm4vTextAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-class Glm4vTextMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = Linear(hidden_size, 2 * intermediate_size)
-        self.down_proj = Linear(intermediate_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class Glm4vTextDecoderLayer(nn.Module):
+    """Attention and MLP, each wrapped in a pre-norm and a post-norm (GLM-4-0414)."""
+
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         eps = cfg.rms_norm_eps
@@ -101,7 +95,7 @@ class Glm4vTextDecoderLayer(nn.Module):
         self.self_attn = Glm4vTextAttention(cfg)
         self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
-        self.mlp = Glm4vTextMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, prepacked=True)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
@@ -135,6 +129,8 @@ class Glm4vTextModel(nn.Module):
 
 
 class Glm4vModel(nn.Module):
+    """Container matching the checkpoint prefix `model.`: `visual` and `language_model`."""
+
     def __init__(self, cfg: ModelConfig, language_model: Glm4vTextModel) -> None:
         super().__init__()
         self.visual = Glm4vVisionModel(cfg.vision)
@@ -175,12 +171,12 @@ class Glm4vForConditionalGeneration(nn.Module):
     def embed_with_vision(self, input_ids: torch.Tensor, vision_embeds: torch.Tensor | None,
                           vision_mask: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with rows where vision_mask is true replaced by vision_embeds."""
-        embeds = self.embed_tokens(input_ids)
+        embeds = self.embed_tokens(input_ids)  # a new tensor: safe to write into
         if vision_embeds is not None and vision_mask is not None:
-            if int(vision_mask.sum()) != vision_embeds.shape[0]:
-                raise ValueError(f"{int(vision_mask.sum())} placeholder tokens but "
-                                 f"{vision_embeds.shape[0]} vision embeddings")
-            embeds = embeds.clone()
+            count = int(vision_mask.sum())
+            if count != vision_embeds.shape[0]:
+                raise ValueError(f"{count} placeholder tokens but {vision_embeds.shape[0]} "
+                                 "vision embeddings")
             embeds[vision_mask] = vision_embeds.to(embeds.dtype)
         return embeds
 

@@ -16,9 +16,7 @@ from torch import nn
 
 from glmv.attention.metadata import AttentionMetadata
 from glmv.config import MoEConfig, TextConfig
-from glmv.errors import WeightMismatchError
-from glmv.layers.activation import silu_and_mul
-from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.mlp import GatedMLP
 from glmv.layers.moe import FusedExperts, TopkRouter
 from glmv.layers.norm import RMSNorm
 from glmv.layers.rotary import MRotaryEmbedding
@@ -45,19 +43,6 @@ MOE_RULES = [
 ]
 
 
-class Glm4vMoeTextMLP(nn.Module):
-    """Dense SwiGLU (leading layers, shared expert); checkpoint gate/up load packed."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [(0, intermediate_size),
-                                                       (1, intermediate_size)])
-        self.down_proj = Linear(intermediate_size, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class Glm4vMoeTextMoE(nn.Module):
     """Routed experts + shared expert."""
 
@@ -65,39 +50,17 @@ class Glm4vMoeTextMoE(nn.Module):
         super().__init__()
         self.gate = TopkRouter(hidden_size, cfg)
         self.experts = FusedExperts(cfg.n_routed_experts, hidden_size, cfg.moe_intermediate_size)
-        self.shared_experts = Glm4vMoeTextMLP(hidden_size,
-                                              cfg.moe_intermediate_size * cfg.n_shared_experts)
-        num, size = cfg.n_routed_experts, cfg.moe_intermediate_size
-        self.experts.w13.weight_loader = self._load_w13  # type: ignore[attr-defined]
-        self.experts.w13.shard_ids = tuple(  # type: ignore[attr-defined]
-            (e, part) for e in range(num) for part in ("gate", "up"))
-        self.experts.w2.weight_loader = self._load_w2  # type: ignore[attr-defined]
-        self.experts.w2.shard_ids = tuple((e, "down") for e in range(num))  # type: ignore[attr-defined]
-        self._size = size
-
-    def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
-        assert isinstance(shard, tuple)
-        expert, part = shard
-        offset = 0 if part == "gate" else self._size
-        _copy_checked(param.data[expert].narrow(0, offset, self._size), loaded)
-
-    def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
-        assert isinstance(shard, tuple)
-        expert = shard[0]
-        _copy_checked(param.data[expert], loaded)
+        self.shared_experts = GatedMLP(hidden_size,
+                                       cfg.moe_intermediate_size * cfg.n_shared_experts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
         return self.experts(x, weights, ids) + self.shared_experts(x)
 
 
-def _copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
-    if target.shape != loaded.shape:
-        raise WeightMismatchError([], [], [("", tuple(loaded.shape), tuple(target.shape))])
-    target.copy_(loaded)
-
-
 class Glm4vMoeTextDecoderLayer(nn.Module):
+    """Pre-norm attention, then a dense MLP (leading layers) or the MoE block."""
+
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
         assert cfg.moe is not None
@@ -106,7 +69,7 @@ class Glm4vMoeTextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp: nn.Module
         if layer_idx < cfg.moe.first_k_dense_replace:
-            self.mlp = Glm4vMoeTextMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
         else:
             self.mlp = Glm4vMoeTextMoE(cfg.hidden_size, cfg.moe)
 

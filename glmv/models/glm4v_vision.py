@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmv.config import VisionConfig
-from glmv.layers.activation import silu_and_mul
 from glmv.layers.embedding import VocabEmbedding
-from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.linear import Linear
+from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm
 from glmv.layers.rotary import VisionRotaryEmbedding
 
@@ -116,25 +116,16 @@ class VisionAttention(nn.Module):
         return self.proj(out.reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    """SwiGLU of width out_hidden_size (not intermediate_size, which belongs to the merger)."""
-
-    def __init__(self, hidden_size: int, width: int) -> None:
-        super().__init__()
-        self.gate_up_proj = MergedLinear(hidden_size, [(0, width), (1, width)])
-        self.down_proj = Linear(width, hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class VisionBlock(nn.Module):
+    """Pre-norm ViT block: 2-D rotary attention, then a SwiGLU of width out_hidden_size
+    (not intermediate_size, which belongs to the merger)."""
+
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = VisionAttention(cfg)
-        self.mlp = VisionMLP(cfg.hidden_size, cfg.out_hidden_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg_lens: Sequence[int]) -> torch.Tensor:
@@ -142,17 +133,16 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionPatchMerger(nn.Module):
+class VisionPatchMerger(GatedMLP):
+    """proj -> LayerNorm -> GELU, then the SwiGLU (its gate_up_proj / down_proj)."""
+
     def __init__(self, dim: int, width: int) -> None:
-        super().__init__()
+        super().__init__(dim, width)
         self.proj = Linear(dim, dim)
         self.post_projection_norm = nn.LayerNorm(dim)
-        self.gate_up_proj = MergedLinear(dim, [(0, width), (1, width)])
-        self.down_proj = Linear(width, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.gelu(self.post_projection_norm(self.proj(x)))
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return super().forward(F.gelu(self.post_projection_norm(self.proj(x))))
 
 
 class Glm4vVisionModel(nn.Module):
@@ -170,10 +160,6 @@ class Glm4vVisionModel(nn.Module):
         m = cfg.spatial_merge_size
         self.downsample = KernelEqualsStride(cfg.out_hidden_size, (cfg.hidden_size, m, m))
         self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.post_layernorm.weight.dtype
 
     def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """pixels: [P, patch_dim] for all items; grids: (t, h, w) per item -> [P / merge^2, D].

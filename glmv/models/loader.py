@@ -16,16 +16,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
-from glmv.checkpoint import CheckpointReader, expected_tensors
+from glmv.checkpoint import CheckpointReader, expected_tensors, torch_dtype
 from glmv.config import ModelConfig, QuantizationConfig
 from glmv.errors import CheckpointError, WeightMismatchError
+from glmv.layers.linear import ShapeMismatch, copy_checked
 from glmv.models.glm4v import Glm4vForConditionalGeneration, WeightRule
 from glmv.models.registry import model_class
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SCALE_SUFFIX = ".weight_scale_inv"
 # Tensors some exports carry that the model never uses.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq$)")
@@ -35,11 +34,7 @@ def resolve_dtype(dtype: str | torch.dtype, cfg: ModelConfig) -> torch.dtype:
     """'auto' = the checkpoint's dtype (FP8 checkpoints compute in bfloat16)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return DTYPES.get(cfg.dtype, torch.bfloat16)
-    if dtype not in DTYPES:
-        raise CheckpointError(f"unknown dtype {dtype!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return torch_dtype(cfg.dtype if dtype == "auto" else dtype)
 
 
 def validate_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
@@ -125,15 +120,11 @@ def load_weights(model: Glm4vForConditionalGeneration, weights: Iterator[tuple[s
         with torch.no_grad():
             try:
                 if loader is None:
-                    if param.shape != tensor.shape:
-                        raise WeightMismatchError(
-                            [], [], [("", tuple(tensor.shape), tuple(param.shape))])
-                    param.data.copy_(tensor)
+                    copy_checked(param.data, tensor)
                 else:
-                    loader(param, tensor.to(param.dtype), shard)
-            except WeightMismatchError as exc:
-                _, got, want = exc.shape_mismatches[0]
-                raise WeightMismatchError([], [], [(name, got, want)]) from None
+                    loader(param, tensor, shard)
+            except ShapeMismatch as exc:
+                raise WeightMismatchError([], [], [(name, exc.got, exc.want)]) from None
         filled.add((target, shard))
     missing = [f"{pname}{'' if s is None else f'[{s}]'}" for pname, p in params.items()
                for s in getattr(p, "shard_ids", (None,)) if (pname, s) not in filled]
@@ -143,6 +134,11 @@ def load_weights(model: Glm4vForConditionalGeneration, weights: Iterator[tuple[s
 
 @contextlib.contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build parameters directly in `dtype` (no float32 copy of a large model first).
+
+    torch's default dtype is process-wide: load models before other threads create tensors
+    (the engine loads before it serves).
+    """
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -166,7 +162,3 @@ def load_model(model_dir: str | Path, cfg: ModelConfig | None = None,
     finally:
         reader.close()
     return model.eval().requires_grad_(False)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -16,5 +16,6 @@ def hash_pixels(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int],
     """Hex digest of a preprocessed image/video (128-bit BLAKE2b)."""
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{tuple(grid_thw)}|{tuple(pixel_values.shape)}|{extra}|".encode())
-    h.update(pixel_values.detach().contiguous().cpu().numpy().tobytes())
+    # The array's buffer is hashed in place (no copy of a possibly large video).
+    h.update(pixel_values.detach().contiguous().cpu().numpy().data)
     return h.hexdigest()

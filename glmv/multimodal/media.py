@@ -45,7 +45,10 @@ class MediaPolicy:
         return cls(allowed_local_paths=(os.path.abspath(os.sep),))
 
     def check_local(self, path: Path) -> Path:
-        resolved = path.expanduser().resolve()
+        try:
+            resolved = path.expanduser().resolve()
+        except (OSError, ValueError) as exc:  # e.g. an embedded NUL byte
+            raise MediaError(f"invalid local media path {str(path)!r}: {exc}") from exc
         if not any(resolved == root or root in resolved.parents for root in self._roots):
             raise MediaError(f"local file {str(path)!r} is outside the allowed media folders "
                              "(--allowed-local-media-path)")
@@ -65,10 +68,6 @@ def describe_source(source: object, limit: int = 120) -> str:
     if text.startswith("data:"):
         return f"data URL ({text.partition(',')[0]}, {len(text)} characters)"
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://", "data:", "file://"))
 
 
 def _data_url(source: str, max_bytes: int) -> bytes:
@@ -98,7 +97,11 @@ def _data_url(source: str, max_bytes: int) -> bytes:
 def _http(source: str, policy: MediaPolicy) -> bytes:
     import httpx
 
-    policy.check_domain(urlparse(source).hostname or "")
+    try:
+        host = urlparse(source).hostname or ""
+    except ValueError as exc:
+        raise MediaError(f"invalid media URL {describe_source(source)!r}: {exc}") from exc
+    policy.check_domain(host)
 
     def check_redirect(request: httpx.Request) -> None:
         # Every hop of a redirect chain must be allowed, not just the first URL.
@@ -116,21 +119,31 @@ def _http(source: str, policy: MediaPolicy) -> bytes:
                 if size > policy.max_bytes:
                     raise MediaError(f"{source} is larger than the {policy.max_bytes}-byte limit")
                 chunks.append(chunk)
-    except httpx.HTTPError as exc:
-        raise MediaError(f"fetching {source} failed: {exc}") from exc
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        raise MediaError(f"fetching {describe_source(source)} failed: {exc}") from exc
     return b"".join(chunks)
 
 
-def _local(path: Path, policy: MediaPolicy) -> bytes:
+def local_file(source: str, policy: MediaPolicy) -> Path | None:
+    """The checked local file a path or file:// URL names (None for data and http(s) URLs).
+
+    Callers that can read a file themselves (video decoding) use this to avoid loading it whole.
+    """
+    if source.startswith(("data:", "http://", "https://")):
+        return None
+    path = Path(source)
+    if source.startswith("file://"):
+        url = urlparse(source)
+        if url.netloc not in ("", "localhost"):
+            raise MediaError(f"file URL {source!r} names host {url.netloc!r}; only local files "
+                             "(file:///path) can be read")
+        path = Path(unquote(url.path))
     resolved = policy.check_local(path)
     if not resolved.is_file():
         raise MediaError(f"media file {str(path)!r} does not exist")
     if resolved.stat().st_size > policy.max_bytes:
         raise MediaError(f"{path} is larger than the {policy.max_bytes}-byte limit")
-    try:
-        return resolved.read_bytes()
-    except OSError as exc:
-        raise MediaError(f"cannot read {path}: {exc}") from exc
+    return resolved
 
 
 def fetch_bytes(source: str, policy: MediaPolicy) -> bytes:
@@ -139,10 +152,9 @@ def fetch_bytes(source: str, policy: MediaPolicy) -> bytes:
         return _data_url(source, policy.max_bytes)
     if source.startswith(("http://", "https://")):
         return _http(source, policy)
-    if source.startswith("file://"):
-        url = urlparse(source)
-        if url.netloc not in ("", "localhost"):
-            raise MediaError(f"file URL {source!r} names host {url.netloc!r}; only local files "
-                             "(file:///path) can be read")
-        return _local(Path(unquote(url.path)), policy)
-    return _local(Path(source), policy)
+    path = local_file(source, policy)
+    assert path is not None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise MediaError(f"cannot read {source}: {exc}") from exc

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import PIL.Image
@@ -25,10 +25,10 @@ import torch
 
 from glmv.chat_template import normalize_messages
 from glmv.config import ModelConfig
-from glmv.errors import ImageError, MediaError, PromptError, VideoError
+from glmv.errors import ImageError, MediaError, PromptError, TokenizerError, VideoError
 from glmv.multimodal.hashing import hash_pixels
 from glmv.multimodal.image import ProcessedImage, load_image, process_image
-from glmv.multimodal.media import MediaPolicy, describe_source, fetch_bytes
+from glmv.multimodal.media import MediaPolicy, describe_source, fetch_bytes, local_file
 from glmv.multimodal.processor_config import (
     ImageProcessorConfig,
     VideoProcessorConfig,
@@ -52,7 +52,7 @@ VideoInput = DecodedVideo | bytes | str | Path
 class MultiModalItem:
     """One image or video of a prompt: its pixels and the prompt tokens it fills."""
 
-    modality: str  # "image" | "video"
+    modality: Literal["image", "video"]
     pixel_values: torch.Tensor  # [num_patches, patch_dim] float32
     grid_thw: tuple[int, int, int]  # patches (t, h, w); videos: t = frame pairs
     offset: int  # index of this item's first <|image|> token in the prompt
@@ -95,7 +95,7 @@ class MultiModalProcessor:
         self.media_policy = media_policy or MediaPolicy()
         sp = tokenizer.special
         if (sp.image, sp.video) != (config.image_token_id, config.video_token_id):
-            raise PromptError(f"tokenizer ids of <|image|>/<|video|> ({sp.image}, {sp.video}) "
+            raise TokenizerError(f"tokenizer ids of <|image|>/<|video|> ({sp.image}, {sp.video}) "
                               f"differ from config.json ({config.image_token_id}, "
                               f"{config.video_token_id})")
 
@@ -126,7 +126,9 @@ class MultiModalProcessor:
             return source
         if isinstance(source, bytes):
             return decode_video(source, self.video_config, fps=fps)
-        data = fetch_bytes(str(source), self.media_policy)
+        # Local files are decoded in place: only the sampled frames are ever in memory.
+        path = local_file(str(source), self.media_policy)
+        data = path if path is not None else fetch_bytes(str(source), self.media_policy)
         try:
             return decode_video(data, self.video_config, fps=fps)
         except VideoError as exc:
@@ -170,8 +172,8 @@ class MultiModalProcessor:
         if self.tokenizer.special.answer is not None:
             normalized = [strip_glm41v_history(m) for m in normalized]
         images, videos = collect_media(normalized)
-        # The template only tests which parts are media; it never sees the media objects.
-        prompt = self.tokenizer.render_chat([_without_media(m) for m in normalized], tools=tools,
+        # The sandbox sees plain data only: media objects become inert placeholders there.
+        prompt = self.tokenizer.render_chat(normalized, tools=tools,
                                             add_generation_prompt=add_generation_prompt,
                                             chat_template_source=chat_template,
                                             **dict(chat_template_kwargs or {}))
@@ -239,8 +241,9 @@ class MultiModalProcessor:
         return tokens
 
     @staticmethod
-    def _item(modality: str, media: ProcessedImage | ProcessedVideo, offset: int, length: int,
-              timestamps: list[float], size: tuple[int, int] | None) -> MultiModalItem:
+    def _item(modality: Literal["image", "video"], media: ProcessedImage | ProcessedVideo,
+              offset: int, length: int, timestamps: list[float],
+              size: tuple[int, int] | None) -> MultiModalItem:
         return MultiModalItem(
             modality=modality, pixel_values=media.pixel_values, grid_thw=media.grid_thw,
             offset=offset, length=length, num_embeds=media.num_tokens,
@@ -289,24 +292,6 @@ def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], lis
             if kind is not None:
                 (videos if kind == "video" else images).append(_media_source(part, kind))
     return images, videos
-
-
-def _without_media(message: dict[str, Any]) -> dict[str, Any]:
-    """`message` with the media objects in its parts replaced by a marker string.
-
-    Templates only test whether a part is media, and the sandbox's plain-data copy cannot hold
-    arbitrary media objects (numpy frames, decoded videos).
-    """
-    content = message.get("content")
-    if not isinstance(content, list):
-        return message
-    parts: list[Any] = []
-    for part in content:
-        kind = _media_kind(part)
-        if kind is not None:
-            part = {k: f"<{kind}>" if k in _MEDIA_KEYS[kind] else v for k, v in part.items()}
-        parts.append(part)
-    return {**message, "content": parts}
 
 
 _THINK_SPAN = re.compile(r"<think>.*?</think>", re.DOTALL)

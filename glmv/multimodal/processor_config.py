@@ -7,13 +7,13 @@ a checkpoint processed here gives the same pixels as with `AutoProcessor.from_pr
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from glmv.config import read_json_object
 from glmv.errors import ConfigError
 
 # CLIP normalisation, transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD.
@@ -271,20 +271,7 @@ def _check_known(value: Any, table: Mapping[str, Any], key: str, source: str) ->
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    """Load a JSON object, naming the file in every error."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"cannot read processor config {path}: {e}") from e
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"processor config {path} is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(
-            f"processor config {path} must hold a JSON object, got {type(data).__name__}"
-        )
-    return data
+    return read_json_object(path, ConfigError, "processor config")
 
 
 def _sub_dict(d: Mapping[str, Any], key: str, path: Path) -> Mapping[str, Any]:

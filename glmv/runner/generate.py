@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -33,8 +34,10 @@ class GenerationRequest:
 
 @dataclass
 class GenerationResult:
-    token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    """The completion of one request."""
+
+    token_ids: list[int]  # generated tokens (a stop token, when one ended it, included)
+    finish_reason: Literal["stop", "length"]
 
 
 @dataclass
@@ -43,7 +46,7 @@ class _Seq:
     blocks: list[int]
     generator: torch.Generator | None
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 def _vision_chunks(runner: ModelRunner, prompts: Sequence[ProcessedPrompt]) -> list[SeqChunk]:
@@ -77,7 +80,7 @@ def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list
             raise PromptError(f"prompt of {len(req.prompt.token_ids)} tokens + {req.max_tokens} "
                               "new tokens does not fit in the KV cache; raise --kv-cache-memory")
         blocks, free = free[:need], free[need:]
-        gen = (torch.Generator().manual_seed(req.sampling.seed)
+        gen = (torch.Generator(device=runner.device).manual_seed(req.sampling.seed)
                if req.sampling.seed is not None else None)
         seqs.append(_Seq(req, blocks, gen))
     chunks = _vision_chunks(runner, [s.req.prompt for s in seqs])
@@ -100,8 +103,10 @@ def generate(runner: ModelRunner, requests: Sequence[GenerationRequest]) -> list
 
 
 def _append(seqs: Sequence[_Seq], logits: torch.Tensor) -> None:
-    for seq, row in zip(seqs, logits, strict=True):
-        token = sample_one(row, seq.req.sampling, seq.generator)
+    greedy = logits.argmax(dim=-1).tolist()  # one device sync for every greedy sequence
+    for seq, row, best in zip(seqs, logits, greedy, strict=True):
+        sampled = seq.req.sampling.temperature > 0
+        token = sample_one(row, seq.req.sampling, seq.generator) if sampled else best
         seq.output.append(token)
         if token in seq.req.stop_token_ids and not seq.req.ignore_eos:
             seq.finish_reason = "stop"

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from glmv.multimodal.processor_config import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
 VARIANTS = ("glm-4.1v-thinking", "glm-4.6v-flash", "glm-4.5v", "glm-4.6v")
 SIZES = ("tiny", "bench")
 REAL_VOCAB_SIZE = 151552
@@ -107,21 +109,12 @@ def pad_vocab(num_tokens: int, size: str) -> int:
     return -(-num_tokens // 64) * 64
 
 
-def build_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
+def _text_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
                  vocab_size: int) -> dict[str, Any]:
-    """config.json in the published layout: ids at the top, nested text and vision configs."""
     dims = dict(_TEXT_DIMS[size])
     section = dims.pop("mrope_section")
     head_dim = dims.pop("head_dim")
     eos = [token_ids[t] for t in ("<|endoftext|>", "<|user|>", "<|observation|>", *spec.extra_eos)]
-    ids = {
-        "image_start_token_id": token_ids["<|begin_of_image|>"],
-        "image_end_token_id": token_ids["<|end_of_image|>"],
-        "video_start_token_id": token_ids["<|begin_of_video|>"],
-        "video_end_token_id": token_ids["<|end_of_video|>"],
-        "image_token_id": token_ids["<|image|>"],
-        "video_token_id": token_ids["<|video|>"],
-    }
     text: dict[str, Any] = {
         "model_type": f"{spec.model_type}_text",
         "vocab_size": vocab_size,
@@ -138,8 +131,8 @@ def build_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
         "rope_scaling": {"type": "default", "mrope_section": section},
         "pad_token_id": token_ids["<|endoftext|>"],
         "eos_token_id": eos,
-        "image_token_id": ids["image_token_id"],
-        "video_token_id": ids["video_token_id"],
+        "image_token_id": token_ids["<|image|>"],
+        "video_token_id": token_ids["<|video|>"],
         "dtype": "bfloat16",
     }
     if spec.is_moe:
@@ -151,7 +144,11 @@ def build_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
     else:
         # glm4v derives head_dim from hidden_size / num_attention_heads.
         text["num_attention_heads"] = dims["hidden_size"] // head_dim
-    vision = {
+    return text
+
+
+def _vision_config(spec: VariantSpec, size: str, out_hidden_size: int) -> dict[str, Any]:
+    return {
         "model_type": f"{spec.model_type}_vision",
         **_VISION_DIMS[size],
         "hidden_act": "silu",
@@ -161,21 +158,32 @@ def build_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
         "patch_size": 14,
         "temporal_patch_size": 2,
         "spatial_merge_size": 2,
-        "out_hidden_size": dims["hidden_size"],
+        "out_hidden_size": out_hidden_size,
         "rms_norm_eps": 1e-05,
         "initializer_range": 0.02,
     }
+
+
+def build_config(spec: VariantSpec, size: str, token_ids: dict[str, int],
+                 vocab_size: int) -> dict[str, Any]:
+    """config.json in the published layout: ids at the top, nested text and vision configs."""
+    text = _text_config(spec, size, token_ids, vocab_size)
     return {
         "architectures": [
             "Glm4vMoeForConditionalGeneration" if spec.is_moe else "Glm4vForConditionalGeneration"
         ],
         "model_type": spec.model_type,
-        **ids,
+        "image_start_token_id": token_ids["<|begin_of_image|>"],
+        "image_end_token_id": token_ids["<|end_of_image|>"],
+        "video_start_token_id": token_ids["<|begin_of_video|>"],
+        "video_end_token_id": token_ids["<|end_of_video|>"],
+        "image_token_id": token_ids["<|image|>"],
+        "video_token_id": token_ids["<|video|>"],
         "tie_word_embeddings": False,
         "dtype": "bfloat16",
         "transformers_version": "4.57.1",
         "text_config": text,
-        "vision_config": vision,
+        "vision_config": _vision_config(spec, size, text["hidden_size"]),
     }
 
 
@@ -187,8 +195,8 @@ def processor_configs(spec: VariantSpec) -> tuple[dict[str, Any], dict[str, Any]
         "patch_size": 14,
         "temporal_patch_size": 2,
         "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
         "processor_class": spec.processor_class,
     }
     image = {"size": {"shortest_edge": 12544, "longest_edge": 9633792}, **common,

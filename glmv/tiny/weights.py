@@ -9,10 +9,6 @@ import torch
 from glmv.checkpoint import expected_tensors
 from glmv.config import ModelConfig
 
-# Names and shapes come from glmv.checkpoint, the same list the loader validates against;
-# transformers loading these folders with no missing or unexpected keys keeps both honest.
-checkpoint_tensors = expected_tensors
-
 
 def _init(shape: tuple[int, ...], kind: str, gen: torch.Generator) -> torch.Tensor:
     """Scales that keep activations O(1) through random layers, so every path moves the logits."""
@@ -33,7 +29,7 @@ def random_state_dict(cfg: ModelConfig, seed: int, dtype: torch.dtype) -> dict[s
     """Deterministic for a seed. The router correction bias stays float32, as published."""
     gen = torch.Generator().manual_seed(seed)
     state = {}
-    for name, shape, kind in checkpoint_tensors(cfg):
+    for name, shape, kind in expected_tensors(cfg):  # the list the loader checks
         tensor = _init(shape, kind, gen)
         state[name] = tensor if kind == "route_bias" else tensor.to(dtype)
     return state

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from glmv.config import ModelConfig
-from glmv.errors import GlmvError
+from glmv.checkpoint import torch_dtype
+from glmv.config import DTYPE_NAMES, ModelConfig
+from glmv.errors import CheckpointError, GlmvError
 from glmv.tiny.tokenizer_builder import token_ids, train_tokenizer, write_tokenizer
 from glmv.tiny.variants import SIZES, SPECS, build_config, pad_vocab, processor_configs
 from glmv.tiny.weights import (
@@ -28,7 +29,6 @@ from glmv.tiny.weights import (
     random_state_dict,
 )
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Bump when the files written change, so cached demo checkpoints are rebuilt.
 FORMAT_VERSION = 1
 
@@ -49,8 +49,8 @@ class TinyCheckpointSpec:
             raise GlmvError(f"unknown variant {self.variant!r}; choose from {', '.join(SPECS)}")
         if self.size not in SIZES:
             raise GlmvError(f"unknown size {self.size!r}; choose from {', '.join(SIZES)}")
-        if self.dtype not in _DTYPES:
-            raise GlmvError(f"unknown dtype {self.dtype!r}; choose from {', '.join(_DTYPES)}")
+        if self.dtype not in DTYPE_NAMES:
+            raise GlmvError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
         if self.max_shard_bytes <= 0:
             raise GlmvError("max_shard_bytes must be positive")
 
@@ -118,16 +118,26 @@ def _readme(spec: TinyCheckpointSpec, num_params: int) -> str:
 
 
 def write_checkpoint(out: str | Path, spec: TinyCheckpointSpec) -> Path:
-    """Write the checkpoint folder and return its path (created if needed)."""
+    """Write the checkpoint folder and return its path (created if needed).
+
+    Raises CheckpointError when the folder cannot be written (a file in the way, no
+    permission, disk full).
+    """
+    try:
+        return _write(Path(out), spec)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write the checkpoint to {str(out)!r}: {exc}") from exc
+
+
+def _write(path: Path, spec: TinyCheckpointSpec) -> Path:
     variant = SPECS[spec.variant]
-    path = Path(out)
     path.mkdir(parents=True, exist_ok=True)
     tok = train_tokenizer(variant, spec.size, spec.seed)
     ids = token_ids(tok, variant)
     config = build_config(variant, spec.size, ids, pad_vocab(tok.get_vocab_size(), spec.size))
     config["dtype"] = config["text_config"]["dtype"] = spec.dtype
     model_cfg = ModelConfig.from_dict(config)
-    state = random_state_dict(model_cfg, spec.seed, _DTYPES[spec.dtype])
+    state = random_state_dict(model_cfg, spec.seed, torch_dtype(spec.dtype))
     num_params = sum(t.numel() for t in state.values())
     if spec.fp8:
         block = (128, 128) if spec.size == "bench" else (32, 48)

@@ -87,3 +87,5 @@ def test_metadata_rejects_inconsistent_layouts() -> None:
         AttentionMetadata([0, 5], [3])
     with pytest.raises(ValueError, match="come together"):
         AttentionMetadata([0, 3], [3], slot_mapping=torch.arange(3))
+    with pytest.raises(ValueError, match="whole context"):
+        AttentionMetadata([0, 3], [5])  # cached context claimed, but no cache to hold it

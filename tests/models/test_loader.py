@@ -209,7 +209,8 @@ def test_auto_dtype_is_the_config_dtype(stored: str, tiny_checkpoint: Any) -> No
 
 
 def test_unknown_dtype_is_rejected(tiny_checkpoint: Any) -> None:
-    with pytest.raises(CheckpointError, match="float8"):
+    """A bad dtype is the user's setting, not a broken checkpoint: ConfigError (HTTP 400)."""
+    with pytest.raises(ConfigError, match="float8"):
         load(tiny_checkpoint("glm-4.6v-flash"), dtype="float8")
 
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import pytest
 
 from glmv.errors import MediaError
-from glmv.multimodal.media import MediaPolicy, fetch_bytes, is_url
+from glmv.multimodal.media import MediaPolicy, fetch_bytes, local_file
 
 PAYLOAD = bytes(range(256)) * 4  # 1 KiB with every byte value
 
@@ -186,9 +186,30 @@ def test_data_url_byte_limit() -> None:
         fetch_bytes(plain, MediaPolicy(max_bytes=99))
 
 
-def test_is_url() -> None:
-    assert all(is_url(u) for u in ("http://a", "https://a", "data:,x", "file:///x"))
-    assert not any(is_url(u) for u in ("/tmp/x.png", "x.png", "ftp://a"))
+def test_local_file_checks_without_reading(folders: tuple[Path, Path]) -> None:
+    allowed, outside = folders
+    policy = MediaPolicy(allowed_local_paths=(str(allowed),))
+    assert local_file(str(allowed / "a.bin"), policy) == (allowed / "a.bin").resolve()
+    assert local_file(f"file://{allowed / 'a.bin'}", policy) == (allowed / "a.bin").resolve()
+    for url in ("data:,x", "http://example.com/a.png", "https://example.com/a.png"):
+        assert local_file(url, policy) is None
+    with pytest.raises(MediaError, match="outside the allowed"):
+        local_file(str(outside / "a.bin"), policy)
+    with pytest.raises(MediaError, match="does not exist"):
+        local_file(str(allowed / "missing.bin"), policy)
+
+
+@pytest.mark.parametrize("source", ["file:///tmp/%00x", "/tmp/a\x00b"])
+def test_invalid_local_paths_are_media_errors(source: str) -> None:
+    with pytest.raises(MediaError, match="invalid local media path"):
+        fetch_bytes(source, MediaPolicy.local())
+
+
+@pytest.mark.parametrize("url", ["http://[::1/x", "http://example.com:99999/x",
+                                 "http://exa mple.com/\x00"])
+def test_malformed_urls_are_media_errors(url: str) -> None:
+    with pytest.raises(MediaError):
+        fetch_bytes(url, MediaPolicy(timeout_s=0.5))
 
 
 # ------------------------------------------------------------------ http(s)

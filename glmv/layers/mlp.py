@@ -1,0 +1,26 @@
+"""The SwiGLU MLP used throughout GLM-V: down(silu(gate(x)) * up(x))."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glmv.layers.activation import silu_and_mul
+from glmv.layers.linear import Linear, MergedLinear
+
+
+class GatedMLP(nn.Module):
+    """gate and up projections packed into one `gate_up_proj` [2 * width, hidden], then down.
+
+    `prepacked`: the checkpoint already stores `gate_up_proj` (the glm4v decoder); otherwise it
+    stores `gate_proj` and `up_proj`, loaded as shards 0 and 1.
+    """
+
+    def __init__(self, hidden_size: int, width: int, prepacked: bool = False) -> None:
+        super().__init__()
+        self.gate_up_proj = (Linear(hidden_size, 2 * width) if prepacked
+                             else MergedLinear(hidden_size, [(0, width), (1, width)]))
+        self.down_proj = Linear(width, hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
