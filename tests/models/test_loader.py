@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from glmv.attention.metadata import AttentionMetadata
 from glmv.checkpoint import CheckpointReader
 from glmv.errors import CheckpointError, ConfigError, UnsupportedModelError, WeightMismatchError
 from glmv.models.glm4v import Glm4vForConditionalGeneration
@@ -27,6 +26,7 @@ from glmv.models.loader import load_model
 from glmv.multimodal.media import MediaPolicy
 from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
 from tests.conftest import VARIANTS, copy_checkpoint
+from tests.helpers import glmv_logits
 
 HOUSE = Path(__file__).resolve().parents[2] / "examples" / "house.png"
 SHARD_BYTES = 300_000  # same spec as tests/test_checkpoint_writer.py: written once per session
@@ -139,20 +139,6 @@ def rewrite(src: Path, dst: Path, edit: Callable[[dict[str, torch.Tensor]], obje
         config(data)
         (dst / "config.json").write_text(json.dumps(data))
     return dst
-
-
-def logits_of(model: Glm4vForConditionalGeneration, prompt: ProcessedPrompt) -> torch.Tensor:
-    """Logits [N, vocab] of every prompt position, one prefill without a KV cache."""
-    ids = torch.tensor(prompt.token_ids)
-    embeds = mask = None
-    if prompt.mm_items:
-        pixels = torch.cat([item.pixel_values for item in prompt.mm_items])
-        embeds = model.encode_vision(pixels, [item.grid_thw for item in prompt.mm_items])
-        mask = ids == model.config.image_token_id
-    with torch.no_grad():
-        x = model.embed_with_vision(ids, embeds, mask)
-        hidden = model(x, prompt.positions, AttentionMetadata.without_cache([len(ids)]))
-        return model.compute_logits(hidden).float()
 
 
 def prompts(folder: Path) -> dict[str, ProcessedPrompt]:
@@ -463,9 +449,9 @@ def test_fp8_logits_match_dequantized_weights(variant: str, tiny_checkpoint: Any
     deq_model = load(deq, dtype="float32")
     plain_model = load(plain_folder, dtype="float32")
     for kind, prompt in prompts(plain_folder).items():
-        got = logits_of(fp8_model, prompt)
-        assert torch.equal(got, logits_of(deq_model, prompt)), kind
-        ref = logits_of(plain_model, prompt)
+        got = glmv_logits(fp8_model, prompt)
+        assert torch.equal(got, glmv_logits(deq_model, prompt)), kind
+        ref = glmv_logits(plain_model, prompt)
         scale = float(ref.abs().max())
         diff = (got - ref).abs()
         assert float(diff.mean()) <= MEAN_TOL * scale, kind

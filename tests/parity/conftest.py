@@ -16,7 +16,6 @@ import PIL.Image
 import pytest
 import torch
 
-from glmv.attention.metadata import AttentionMetadata
 from glmv.models.loader import load_model
 from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
 from glmv.multimodal.video import VideoMetadata, process_frames
@@ -93,20 +92,6 @@ def glmv_prompt(processor: MultiModalProcessor, case: Case) -> ProcessedPrompt:
                        for p in content]
         messages.append({**message, "content": content})
     return processor.process_chat(messages)
-
-
-def glmv_logits(model: Any, prompt: ProcessedPrompt) -> torch.Tensor:
-    """Logits of every prompt position, one forward without KV cache."""
-    ids = torch.tensor(prompt.token_ids)
-    vision = mask = None
-    if prompt.mm_items:
-        pixels = torch.cat([i.pixel_values for i in prompt.mm_items])
-        vision = model.encode_vision(pixels, [i.grid_thw for i in prompt.mm_items])
-        mask = ids == model.config.image_token_id
-    with torch.inference_mode():
-        embeds = model.embed_with_vision(ids, vision, mask)
-        hidden = model(embeds, prompt.positions, AttentionMetadata.without_cache([len(ids)]))
-        return model.compute_logits(hidden).float()
 
 
 class Reference:

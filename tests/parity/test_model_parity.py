@@ -21,7 +21,8 @@ from glmv.runner.generate import GenerationRequest, generate
 from glmv.runner.kv_cache import KVCacheSpec
 from glmv.runner.model_runner import ModelRunner
 from tests.conftest import VARIANTS
-from tests.parity.conftest import CASES, glmv_logits, glmv_prompt
+from tests.helpers import glmv_logits
+from tests.parity.conftest import CASES, glmv_prompt
 
 FP32_TOL = 1e-4
 BF16_TOL = 1e-2

@@ -19,7 +19,7 @@ from glmv.multimodal.rope_index import decode_positions
 from glmv.runner.input_batch import SeqChunk, build_step_inputs, slot_mapping
 from glmv.runner.kv_cache import KVCacheSpec
 from glmv.runner.model_runner import ModelRunner
-from tests.parity.conftest import glmv_logits
+from tests.helpers import glmv_logits
 
 BLOCK = 4
 
