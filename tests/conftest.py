@@ -73,25 +73,23 @@ def hf_tokenizer(tiny_checkpoint: TinyCheckpointFactory) -> Callable[[str], Any]
     Skips the test when transformers (the reference implementation) is not installed.
     """
     transformers = pytest.importorskip("transformers", reason="transformers is the reference")
-    cache: dict[str, Any] = {}
-
-    def get(variant: str) -> Any:
-        if variant not in cache:
-            cache[variant] = transformers.AutoTokenizer.from_pretrained(tiny_checkpoint(variant))
-        return cache[variant]
-
-    return get
+    return _loaded_once(lambda v: transformers.AutoTokenizer.from_pretrained(tiny_checkpoint(v)))
 
 
 @pytest.fixture(scope="session")
 def hf_processor(tiny_checkpoint: TinyCheckpointFactory) -> Callable[[str], Any]:
     """`(variant) -> transformers AutoProcessor` of the seed-0 tiny checkpoint, loaded once."""
     transformers = pytest.importorskip("transformers", reason="transformers is the reference")
+    return _loaded_once(lambda v: transformers.AutoProcessor.from_pretrained(tiny_checkpoint(v)))
+
+
+def _loaded_once(load: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`load(variant)`, computed once per variant for the session."""
     cache: dict[str, Any] = {}
 
     def get(variant: str) -> Any:
         if variant not in cache:
-            cache[variant] = transformers.AutoProcessor.from_pretrained(tiny_checkpoint(variant))
+            cache[variant] = load(variant)
         return cache[variant]
 
     return get

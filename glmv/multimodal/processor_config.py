@@ -32,12 +32,11 @@ _VIDEO_PROCESSOR_SAMPLERS: dict[str, Sampler] = {
     "Glm4vVideoProcessor": "glm4v",
     "Glm46VVideoProcessor": "glm46v",
 }
-_PROCESSOR_TIMESTAMP_STYLES: dict[str, TimestampStyle] = {
-    "Glm4vProcessor": "integer",
-    "Glm46VProcessor": "seconds",
-}
 _SAMPLER_TIMESTAMP_STYLES: dict[Sampler, TimestampStyle] = {"glm4v": "integer", "glm46v": "seconds"}
 _PROCESSOR_SAMPLERS: dict[str, Sampler] = {"Glm4vProcessor": "glm4v", "Glm46VProcessor": "glm46v"}
+_PROCESSOR_TIMESTAMP_STYLES: dict[str, TimestampStyle] = {
+    name: _SAMPLER_TIMESTAMP_STYLES[sampler] for name, sampler in _PROCESSOR_SAMPLERS.items()
+}
 
 # Plain PatchConfig fields stored under the same key in transformers' files.
 _SCALAR_KEYS = (
@@ -144,7 +143,7 @@ class VideoProcessorConfig(PatchConfig):
                 f"VideoProcessorConfig.sampler must be one of {sorted(_SAMPLER_TIMESTAMP_STYLES)}, "
                 f"got {self.sampler!r}"
             )
-        if self.timestamp_style not in ("integer", "seconds"):
+        if self.timestamp_style not in _SAMPLER_TIMESTAMP_STYLES.values():
             raise ConfigError(
                 "VideoProcessorConfig.timestamp_style must be 'integer' or 'seconds', "
                 f"got {self.timestamp_style!r}"

@@ -221,7 +221,7 @@ def decode_video(
         raise VideoError(
             f"sampling this video takes {len(indices)} frames, more than the limit of {max_frames}"
         )
-    frames, num_decoded, _ = _decode_indices(source, indices)
+    frames, num_decoded = _decode_indices(source, indices)
     if len(frames) < len(set(indices)):
         # The stream ended early (headers can overstate the count): sample on the real count.
         if num_decoded == 0:
@@ -232,7 +232,7 @@ def decode_video(
             duration=float(Fraction(num_decoded) / Fraction(metadata.fps)),
         )
         indices = sample_frames(metadata, config, fps)
-        frames, _, _ = _decode_indices(source, indices)
+        frames, _ = _decode_indices(source, indices)
         if len(frames) < len(set(indices)):
             raise VideoError("the video decodes to a different number of frames on each pass")
     shapes = {frame.shape for frame in frames.values()}
@@ -283,10 +283,10 @@ def _count_packets(source: VideoSource) -> int:
 
 def _decode_indices(
     source: VideoSource, indices: Sequence[int]
-) -> tuple[dict[int, np.ndarray], int, bool]:
+) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in order up to the last wanted index, keeping only the wanted ones.
 
-    Returns (index -> [H, W, 3] uint8, frames decoded, whether the stream ended first).
+    Returns (index -> [H, W, 3] uint8, frames decoded; fewer than wanted if the stream ended).
     """
     wanted = set(indices)
     last = max(indices)
@@ -304,10 +304,10 @@ def _decode_indices(
                     kept[num_decoded] = frame.to_ndarray(format="rgb24")
                 num_decoded += 1
                 if num_decoded > last:
-                    return kept, num_decoded, False
+                    return kept, num_decoded
         except av.FFmpegError as e:
             raise VideoError(f"cannot decode video frame {num_decoded}: corrupt data ({e})") from e
-    return kept, num_decoded, True
+    return kept, num_decoded
 
 
 # ---------------------------------------------------------------------------------- processing
