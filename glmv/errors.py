@@ -79,3 +79,13 @@ class VideoError(MediaError):
 
 class PromptError(GlmvError):
     """The prompt and its media do not fit together (placeholder counts, length limits)."""
+
+
+class SamplingParamsError(GlmvError):
+    """A sampling parameter is out of range or contradicts another (e.g. min_tokens > max_tokens)."""
+
+
+class EngineError(GlmvError):
+    """The engine failed while running a request (a model step raised); other requests go on."""
+
+    http_status = 500

@@ -1,1 +1,1 @@
-"""glmv.engine."""
+"""glmv.engine: requests, scheduling, the paged KV block manager and the engine loop."""

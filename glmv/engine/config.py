@@ -1,0 +1,74 @@
+"""Engine settings: the KV cache and the scheduler (frozen, validated once; vLLM's flag names).
+
+Level 0 of the dependency order (with glmv.config): nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from glmv.errors import ConfigError
+
+GiB = 1024**3
+
+
+def _positive(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The paged KV cache and the vision-encoder cache."""
+
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_gib: float | None = None  # KV cache size; None = the device's default
+    gpu_memory_utilization: float = 0.9  # CUDA, kv_cache_memory_gib None: fraction of free memory
+    enable_prefix_caching: bool = True  # reuse KV blocks of identical prefixes (media-aware)
+    encoder_cache_gib: float = 0.5  # vision-encoder outputs kept by content hash (0 = off)
+
+    def __post_init__(self) -> None:
+        _positive("block_size", self.block_size)
+        if self.kv_cache_memory_gib is not None and not self.kv_cache_memory_gib > 0:
+            raise ConfigError(f"kv_cache_memory must be > 0 GiB, got {self.kv_cache_memory_gib}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError("gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+        if not self.encoder_cache_gib >= 0:
+            raise ConfigError(f"encoder_cache_gib must be >= 0, got {self.encoder_cache_gib}")
+
+    @property
+    def encoder_cache_bytes(self) -> int:
+        return int(self.encoder_cache_gib * GiB)
+
+
+#: CPU default when no KV size is given: enough for a few long multimodal requests.
+DEFAULT_CPU_KV_CACHE_GIB = 4.0
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How much work one engine step may take on.
+
+    One token budget per step (`max_num_batched_tokens`) shared by decode tokens and prefill
+    chunks; a prompt longer than what is left of the budget is prefilled in chunks.
+    """
+
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 2048  # tokens computed per step, all requests together
+    max_model_len: int = 32768  # prompt + output tokens of one request
+    enable_chunked_prefill: bool = True  # False: a prompt is scheduled whole or waits
+    policy: Literal["fcfs", "priority"] = "fcfs"  # priority: lower value runs first
+
+    def __post_init__(self) -> None:
+        _positive("max_num_seqs", self.max_num_seqs)
+        _positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _positive("max_model_len", self.max_model_len)
+        if self.policy not in ("fcfs", "priority"):
+            raise ConfigError(f"scheduling policy must be 'fcfs' or 'priority', got "
+                              f"{self.policy!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(
+                f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
+                f"must be >= max_model_len ({self.max_model_len}), or a long prompt never runs")
