@@ -20,15 +20,16 @@ class ScheduledChunk:
     start: int  # request.num_computed_tokens when scheduled
     num_tokens: int  # > 0
     block_ids: list[int]  # the request's whole block table, covering start + num_tokens
+    # The chunk reaches the request's last token, so this step yields its next token. Fixed
+    # when scheduled (the request grows by that token afterwards).
+    samples: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = self.end == self.request.num_tokens
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """The chunk reaches the request's last token, so this step yields its next token."""
-        return self.end == self.request.num_tokens
 
 
 @dataclass
@@ -81,6 +82,10 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None  # per output token, when asked
     cumulative_logprob: float | None = None
     error: str | None = None  # why it failed, when finish_reason is "error"
+    # What this step added (for streaming). The delta text holds back a tail that may begin a
+    # stop string until it is resolved, so streamed deltas always add up to `text`.
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
