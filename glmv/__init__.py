@@ -1,8 +1,28 @@
 """glmv: an inference and serving engine for the GLM-V vision-language models.
 
-Importing glmv has no side effects: no threads, no torch flags, no network.
+    from glmv import LLM, SamplingParams
+
+Importing glmv has no side effects: no threads, no torch flags, no network. `LLM` (which needs
+torch) is imported on first use.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from glmv.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from glmv.llm import LLM
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["LLM", "SamplingParams", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "LLM":
+        from glmv.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'glmv' has no attribute {name!r}")

@@ -79,7 +79,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="chat_template_kwargs enable_thinking=false (hybrid models)")
     p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES))
     p.add_argument("--device", default="cpu")
-    p.add_argument("--kv-cache-memory", type=float, default=1.0, help="KV cache size in GiB")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--thinking-budget", type=int, default=None,
+                   help="reasoning tokens before </think> is forced")
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default 4 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens (default: the model's, capped by the KV cache)")
     p.add_argument("--show-special-tokens", action="store_true",
                    help="print special tokens (e.g. grounding boxes) in the output")
     p.set_defaults(func=_generate)
@@ -109,7 +117,7 @@ def _check_generate_args(args: argparse.Namespace) -> None:
         raise GlmvError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.top_k < 0:
         raise GlmvError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not args.kv_cache_memory > 0:
+    if args.kv_cache_memory is not None and not args.kv_cache_memory > 0:
         raise GlmvError(f"--kv-cache-memory must be > 0 GiB, got {args.kv_cache_memory}")
     try:
         device = torch.device(args.device)
@@ -122,46 +130,30 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from glmv.checkpoint import resolve_model_path
-    from glmv.demo import demo_checkpoint, is_demo
-    from glmv.models.loader import load_model
-    from glmv.multimodal.media import MediaPolicy
-    from glmv.multimodal.processor import MultiModalProcessor
-    from glmv.runner.generate import GenerationRequest, generate
-    from glmv.runner.kv_cache import KVCacheSpec
-    from glmv.runner.model_runner import ModelRunner
-    from glmv.runner.sampler import SimpleSampling
+    from glmv.demo import is_demo
+    from glmv.llm import LLM
+    from glmv.sampling_params import SamplingParams
 
     _check_generate_args(args)
+    params = SamplingParams(
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+        stop=tuple(args.stop), thinking_budget=args.thinking_budget,
+        skip_special_tokens=not args.show_special_tokens)
     if is_demo(args.model):
-        path = demo_checkpoint(args.model)
         print("glmv: using the built-in demo model (RANDOM WEIGHTS: the output is meaningless)",
               file=sys.stderr)
-    else:
-        path = resolve_model_path(args.model)
-    processor = MultiModalProcessor.from_pretrained(path, media_policy=MediaPolicy.local())
+    llm = LLM(args.model, dtype=args.dtype, device=args.device,
+              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
     kwargs = {"enable_thinking": False} if args.no_thinking else {}
-    prompt = processor.process_chat(_messages(args), chat_template_kwargs=kwargs)
-    model = load_model(path, processor.config, dtype=args.dtype, device=args.device)
-    dtype = next(model.parameters()).dtype
-    cache = KVCacheSpec.for_memory(processor.config.text, int(args.kv_cache_memory * 1024**3),
-                                   16, dtype)
-    runner = ModelRunner(model, cache, args.device)
-    sampling = SimpleSampling(args.temperature, args.top_p, args.top_k, args.seed)
-    request = GenerationRequest(prompt, args.max_tokens, sampling,
-                                stop_token_ids=processor.config.eos_token_ids)
     start = time.perf_counter()
-    with torch.inference_mode():
-        result = generate(runner, [request])[0]
+    output = llm.chat(_messages(args), params, chat_template_kwargs=kwargs, use_tqdm=False)[0]
     elapsed = time.perf_counter() - start
-    text = processor.tokenizer.decode(result.token_ids,
-                                      skip_special_tokens=not args.show_special_tokens)
-    print(text)
-    print(f"glmv: {len(prompt.token_ids)} prompt tokens ({prompt.num_image_tokens} image, "
-          f"{prompt.num_video_tokens} video), {len(result.token_ids)} generated in "
-          f"{elapsed:.2f}s, finish_reason={result.finish_reason}", file=sys.stderr)
+    completion = output.outputs[0]
+    print(completion.text)
+    print(f"glmv: {output.num_prompt_tokens} prompt tokens ({output.num_image_tokens} image, "
+          f"{output.num_video_tokens} video), {len(completion.token_ids)} generated in "
+          f"{elapsed:.2f}s, finish_reason={completion.finish_reason}", file=sys.stderr)
     return 0
 
 

@@ -82,7 +82,7 @@ class PromptError(GlmvError):
 
 
 class SamplingParamsError(GlmvError):
-    """A sampling parameter is out of range or contradicts another (e.g. min_tokens > max_tokens)."""
+    """A sampling parameter is out of range or contradicts another (min_tokens > max_tokens)."""
 
 
 class EngineError(GlmvError):

@@ -22,3 +22,26 @@ def glmv_logits(model: Any, prompt: ProcessedPrompt) -> torch.Tensor:
         embeds = model.embed_with_vision(ids, vision, mask)
         hidden = model(embeds, prompt.positions, AttentionMetadata.without_cache([len(ids)]))
         return model.compute_logits(hidden).float()
+
+
+def make_engine(processor: Any, model: Any, **kwargs: Any) -> Any:
+    """An LLMEngine around a loaded model; kwargs are EngineArgs fields (small KV by default)."""
+    from glmv.engine.config import EngineArgs
+    from glmv.engine.llm_engine import LLMEngine
+
+    kwargs.setdefault("kv_cache_memory", 0.02)
+    return LLMEngine.from_model(processor, model, EngineArgs(**kwargs))
+
+
+def run_engine(engine: Any, prompts: list[ProcessedPrompt], params: Any,
+               prefix: str = "r") -> list[Any]:
+    """Add every prompt, step until all finish; RequestOutputs in prompt order."""
+    ids = [f"{prefix}{i}" for i in range(len(prompts))]
+    for request_id, prompt in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, prompt, params)
+    done: dict[str, Any] = {}
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+    return [done[i] for i in ids]

@@ -72,3 +72,35 @@ class SchedulerConfig:
             raise ConfigError(
                 f"without chunked prefill max_num_batched_tokens ({self.max_num_batched_tokens}) "
                 f"must be >= max_model_len ({self.max_model_len}), or a long prompt never runs")
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to build an engine; `glmv serve`/`generate` flags and `LLM(...)`
+    keywords map 1:1 onto these fields. None means: derive it from the model and the device."""
+
+    model: str = "demo"  # folder, hub id, or "demo[:variant]" (random-weight demo checkpoint)
+    dtype: str = "auto"  # "auto" = the checkpoint's dtype
+    device: str = "cpu"
+    max_model_len: int | None = None  # default: the model's limit, capped by the KV cache
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # default 2048 (max_model_len without chunking)
+    block_size: int = 16
+    kv_cache_memory: float | None = None  # GiB; default 4 on CPU, a share of free memory on GPU
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    encoder_cache_gib: float = 0.5
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    show_progress: bool = True  # progress bar while loading weights
+
+    def cache_config(self) -> CacheConfig:
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
+                           self.enable_prefix_caching, self.encoder_cache_gib)
+
+    def scheduler_config(self, max_model_len: int) -> SchedulerConfig:
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
+        return SchedulerConfig(self.max_num_seqs, budget, max_model_len,
+                               self.enable_chunked_prefill, self.scheduling_policy)

@@ -252,7 +252,7 @@ class MultiModalProcessor:
         )
 
 
-_MEDIA_KEYS = {"image": ("image", "image_url", "url", "path"),
+_MEDIA_KEYS = {"image": ("image", "image_url", "image_pil", "url", "path"),
                "video": ("video", "video_url", "url", "path")}
 
 

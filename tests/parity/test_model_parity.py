@@ -17,11 +17,9 @@ from typing import Any
 import pytest
 import torch
 
-from glmv.runner.generate import GenerationRequest, generate
-from glmv.runner.kv_cache import KVCacheSpec
-from glmv.runner.model_runner import ModelRunner
+from glmv.sampling_params import SamplingParams
 from tests.conftest import VARIANTS
-from tests.helpers import glmv_logits
+from tests.helpers import glmv_logits, make_engine, run_engine
 from tests.parity.conftest import CASES, glmv_prompt
 
 FP32_TOL = 1e-4
@@ -56,12 +54,11 @@ def test_greedy_tokens_equal_transformers(variant: str, cases: Any, ours: Any,
     processor, model = ours(variant)
     ref = reference(variant)
     prompts = [glmv_prompt(processor, cases[c]) for c in CASES]
-    cache = KVCacheSpec.for_memory(model.config.text, 32 << 20, 16, torch.float32)
-    results = generate(ModelRunner(model, cache),
-                       [GenerationRequest(p, max_tokens=16) for p in prompts])
+    engine = make_engine(processor, model)
+    results = run_engine(engine, prompts, SamplingParams.greedy(max_tokens=16, ignore_eos=True))
     for case, result in zip(CASES, results, strict=True):
-        assert result.token_ids == ref.greedy(cases[case], 16), case
-        assert result.finish_reason == "length"
+        assert result.outputs[0].token_ids == ref.greedy(cases[case], 16), case
+        assert result.outputs[0].finish_reason == "length"
 
 
 @pytest.mark.parametrize("case", ["text", "image", "video"])
