@@ -27,6 +27,7 @@ class AttentionMetadata:
     # Causal masks built for this step, reused by every layer: (seq index) -> mask.
     _masks: dict[int, torch.Tensor | None] = field(default_factory=dict, init=False,
                                                    repr=False, compare=False)
+    _decode: DecodeBatch | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.query_start_loc) != len(self.seq_lens) + 1:
@@ -67,6 +68,16 @@ class AttentionMetadata:
             self._masks[i] = mask
         return self._masks[i]
 
+    def decode_batch(self) -> DecodeBatch | None:
+        """The sequences with one new token and cached context, laid out for one batched
+        attention call (built once per step, reused by every layer); None when fewer than two."""
+        if self._decode is None and self.block_tables is not None:
+            seqs = [i for i in range(self.num_seqs)
+                    if self.query_len(i) == 1 and self.seq_lens[i] > 1]
+            if len(seqs) >= 2:
+                self._decode = DecodeBatch.build(self, seqs)
+        return self._decode
+
     @classmethod
     def without_cache(cls, query_lens: list[int]) -> AttentionMetadata:
         """Each sequence's new tokens are its whole context (no KV cache): a plain prefill."""
@@ -74,3 +85,30 @@ class AttentionMetadata:
         for n in query_lens:
             starts.append(starts[-1] + n)
         return cls(query_start_loc=starts, seq_lens=list(query_lens))
+
+
+@dataclass
+class DecodeBatch:
+    """Decode sequences of one step, attended together over their gathered blocks.
+
+        tables [S, num_blocks]: block ids covering the longest context (padding: block 0)
+        mask   [S, 1, 1, num_blocks * block_size]: True for key positions < seq_len
+    """
+
+    seqs: list[int]  # sequence indices in the step
+    token_idx: torch.Tensor  # [S] index of each sequence's new token among the step's tokens
+    tables: torch.Tensor  # [S, num_blocks] int64
+    mask: torch.Tensor  # [S, 1, 1, T] bool
+
+    @classmethod
+    def build(cls, meta: AttentionMetadata, seqs: list[int]) -> DecodeBatch:
+        assert meta.block_tables is not None
+        device = meta.block_tables.device
+        lens = torch.tensor([meta.seq_lens[i] for i in seqs], device=device)
+        num_blocks = -(-int(lens.max()) // meta.block_size)
+        index = torch.tensor(seqs, device=device)
+        tables = meta.block_tables[index, :num_blocks].long()
+        keys = torch.arange(num_blocks * meta.block_size, device=device)
+        mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+        token_idx = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
+        return cls(seqs, token_idx, tables, mask)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from glmv.attention.metadata import AttentionMetadata
+from glmv.attention.metadata import AttentionMetadata, DecodeBatch
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -29,6 +29,18 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
     return k, v
 
 
+def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: DecodeBatch,
+                      scale: float, gqa: bool) -> torch.Tensor:
+    """One SDPA call for every decode sequence: [S, heads, D] out of the gathered blocks.
+    Masked key slots hold stale but finite values (the cache is zero-initialised)."""
+    k = kv_cache[0][batch.tables].flatten(1, 2)  # [S, T, kv_heads, D]
+    v = kv_cache[1][batch.tables].flatten(1, 2)
+    qi = q[batch.token_idx][:, :, None, :]  # [S, heads, 1, D]
+    out = F.scaled_dot_product_attention(qi, k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=batch.mask, scale=scale, enable_gqa=gqa)
+    return out[:, :, 0, :]
+
+
 def sdpa_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -43,9 +55,13 @@ def sdpa_attention(
         write_kv(kv_cache, k, v, meta.slot_mapping)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
+    batch = meta.decode_batch() if kv_cache is not None else None
+    if batch is not None and kv_cache is not None:
+        out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale, gqa)
+    batched = set(batch.seqs) if batch is not None else set()
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-        if start == end:
+        if start == end or i in batched:
             continue
         seq_len = meta.seq_lens[i]
         # A step that holds the whole sequence attends to its own new keys: no gather, and

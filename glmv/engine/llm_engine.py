@@ -16,7 +16,13 @@ from glmv.checkpoint import resolve_model_path
 from glmv.config import ModelConfig
 from glmv.demo import demo_checkpoint, is_demo
 from glmv.engine.block_manager import BlockManager
-from glmv.engine.config import CacheConfig, EngineArgs, GiB, SchedulerConfig
+from glmv.engine.config import (
+    DEFAULT_CPU_KV_CACHE_GIB,
+    CacheConfig,
+    EngineArgs,
+    GiB,
+    SchedulerConfig,
+)
 from glmv.engine.detokenizer import IncrementalDetokenizer
 from glmv.engine.outputs import (
     CompletionOutput,
@@ -38,8 +44,6 @@ from glmv.sampling_params import SamplingParams
 from glmv.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CPU_KV_CACHE_GIB = 4.0
 
 
 @dataclass
@@ -107,8 +111,14 @@ class LLMEngine:
         are); the KV cache and scheduler come from `args`."""
         cache_config = args.cache_config()
         param = next(model.parameters())
+        one_block = KVCacheSpec.for_memory(processor.config.text, 0, cache_config.block_size,
+                                           param.dtype)
+        # CPU default: 4 GiB, or less when that is more than max_num_seqs full-length requests
+        # could ever use (a small model should not pin gigabytes of zeros).
+        limit = args.max_model_len or processor.config.text.max_position_embeddings
+        most = -(-limit // cache_config.block_size) * args.max_num_seqs * one_block.bytes_per_block
         spec = KVCacheSpec.for_memory(processor.config.text,
-                                      _kv_cache_bytes(cache_config, param.device),
+                                      _kv_cache_bytes(cache_config, param.device, most),
                                       cache_config.block_size, param.dtype)
         capacity = spec.num_blocks * spec.block_size
         max_model_len = _max_model_len(args.max_model_len, processor.config, capacity)
@@ -274,13 +284,13 @@ class LLMEngine:
         self.runner.release(ids)
 
 
-def _kv_cache_bytes(cache: CacheConfig, device: torch.device) -> int:
+def _kv_cache_bytes(cache: CacheConfig, device: torch.device, most: int) -> int:
     if cache.kv_cache_memory_gib is not None:
         return int(cache.kv_cache_memory_gib * GiB)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * cache.gpu_memory_utilization)
-    return int(DEFAULT_CPU_KV_CACHE_GIB * GiB)
+    return min(int(DEFAULT_CPU_KV_CACHE_GIB * GiB), most)
 
 
 def _max_model_len(requested: int | None, config: ModelConfig, capacity: int) -> int:

@@ -38,6 +38,6 @@ class KVCacheSpec:
 def allocate_kv_cache(spec: KVCacheSpec, device: torch.device | str) -> list[torch.Tensor]:
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
     shape = (2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    # Uninitialised: a slot is always written before it is read (reads stop at seq_len), and
-    # untouched pages cost no resident memory.
-    return [torch.empty(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+    # Zeroed: batched decode attention reads whole blocks under a mask, and a never-written
+    # slot holding NaN would poison it (0 x NaN = NaN in the weighted sum).
+    return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]

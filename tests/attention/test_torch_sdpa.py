@@ -80,6 +80,38 @@ def test_mixed_step_of_prefill_and_decode() -> None:
     torch.testing.assert_close(out[1:], naive(*b), rtol=1e-5, atol=1e-5)
 
 
+def test_batched_decode_of_several_sequences_with_a_prefill_chunk() -> None:
+    """Three decode tokens (contexts of different lengths, scattered blocks, stale values in the
+    unused slots) go through one batched call; a prefill chunk in the same step goes alone."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [7, 2, 12]
+    seqs = [qkv(n, gen) for n in lengths]
+    prefill = qkv(6, gen)
+    cache = torch.randn(2, 16, BLOCK, KV_HEADS, DIM, generator=gen)  # stale, finite
+    tables = torch.tensor([[9, 4, 0], [3, 0, 0], [1, 15, 6], [11, 12, 0]], dtype=torch.int32)
+
+    def slots(row: int, lo: int, hi: int) -> list[int]:
+        return [int(tables[row, i // BLOCK]) * BLOCK + i % BLOCK for i in range(lo, hi)]
+
+    for row, (q, k, v) in enumerate(seqs):  # every context but the last token, one by one
+        n = lengths[row] - 1
+        meta = AttentionMetadata([0, n], [n], torch.tensor(slots(row, 0, n)), tables[row:row + 1],
+                                 BLOCK)
+        sdpa_attention(q[:n], k[:n], v[:n], meta, DIM**-0.5, cache)
+    q = torch.cat([s[0][-1:] for s in seqs] + [prefill[0]])
+    k = torch.cat([s[1][-1:] for s in seqs] + [prefill[1]])
+    v = torch.cat([s[2][-1:] for s in seqs] + [prefill[2]])
+    all_slots = [x for r, n in enumerate(lengths) for x in slots(r, n - 1, n)] + slots(3, 0, 6)
+    meta = AttentionMetadata([0, 1, 2, 3, 9], [*lengths, 6], torch.tensor(all_slots), tables,
+                             BLOCK)
+    batch = meta.decode_batch()
+    assert batch is not None and batch.seqs == [0, 1, 2]
+    out = sdpa_attention(q, k, v, meta, DIM**-0.5, cache)
+    for row, s in enumerate(seqs):
+        torch.testing.assert_close(out[row:row + 1], naive(*s)[-1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[3:], naive(*prefill), rtol=1e-5, atol=1e-5)
+
+
 def test_metadata_rejects_inconsistent_layouts() -> None:
     with pytest.raises(ValueError, match="one more entry"):
         AttentionMetadata([0, 3], [3, 4])
