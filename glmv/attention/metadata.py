@@ -91,14 +91,15 @@ class AttentionMetadata:
 class DecodeBatch:
     """Decode sequences of one step, attended together over their gathered blocks.
 
-        tables [S, num_blocks]: block ids covering the longest context (padding: block 0)
-        mask   [S, 1, 1, num_blocks * block_size]: True for key positions < seq_len
+        flat_blocks [S * num_blocks]: block ids covering the longest context, row by row
+                                      (padding: block 0)
+        padding     [S, 1, 1, num_blocks * block_size]: True for key positions >= seq_len
     """
 
     seqs: list[int]  # sequence indices in the step
     token_idx: torch.Tensor  # [S] index of each sequence's new token among the step's tokens
-    tables: torch.Tensor  # [S, num_blocks] int64
-    mask: torch.Tensor  # [S, 1, 1, T] bool
+    flat_blocks: torch.Tensor  # [S * num_blocks] int64
+    padding: torch.Tensor  # [S, 1, 1, T] bool
 
     @classmethod
     def build(cls, meta: AttentionMetadata, seqs: list[int]) -> DecodeBatch:
@@ -109,6 +110,6 @@ class DecodeBatch:
         index = torch.tensor(seqs, device=device)
         tables = meta.block_tables[index, :num_blocks].long()
         keys = torch.arange(num_blocks * meta.block_size, device=device)
-        mask = (keys[None, :] < lens[:, None])[:, None, None, :]
+        padding = (keys[None, :] >= lens[:, None])[:, None, None, :]
         token_idx = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
-        return cls(seqs, token_idx, tables, mask)
+        return cls(seqs, token_idx, tables.reshape(-1), padding)

@@ -30,15 +30,31 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
 
 
 def _decode_attention(q: torch.Tensor, kv_cache: torch.Tensor, batch: DecodeBatch,
-                      scale: float, gqa: bool) -> torch.Tensor:
-    """One SDPA call for every decode sequence: [S, heads, D] out of the gathered blocks.
-    Masked key slots hold stale but finite values (the cache is zero-initialised)."""
-    k = kv_cache[0][batch.tables].flatten(1, 2)  # [S, T, kv_heads, D]
-    v = kv_cache[1][batch.tables].flatten(1, 2)
-    qi = q[batch.token_idx][:, :, None, :]  # [S, heads, 1, D]
-    out = F.scaled_dot_product_attention(qi, k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=batch.mask, scale=scale, enable_gqa=gqa)
-    return out[:, :, 0, :]
+                      scale: float) -> torch.Tensor:
+    """Every decode sequence at once: [S, heads, D] out of the gathered blocks.
+
+    Two batched matmuls with the query heads grouped under their KV head: for one query token
+    this is several times faster on CPU than SDPA (which pays for its kernel setup per
+    sequence-head and for the expanded mask). Masked key slots hold stale but finite values
+    (the cache is zero-initialised); softmax runs in float32.
+    """
+    q = q[batch.token_idx]  # [S, heads, D]
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = kv_cache.shape[3]
+    num_keys = batch.padding.shape[-1]
+    # index_select + one contiguous copy: several times cheaper than advanced indexing and
+    # than a matmul over a strided key view.
+    k = kv_cache[0].index_select(0, batch.flat_blocks).view(num_seqs, num_keys, num_kv_heads,
+                                                            head_dim)
+    v = kv_cache[1].index_select(0, batch.flat_blocks).view(num_seqs, num_keys, num_kv_heads,
+                                                            head_dim)
+    k = k.transpose(1, 2).contiguous()  # [S, kv, T, D]
+    v = v.transpose(1, 2).contiguous()
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [S, kv, G, T]
+    scores.masked_fill_(batch.padding, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return torch.matmul(probs, v).reshape(num_seqs, num_heads, head_dim)
 
 
 def sdpa_attention(
@@ -57,7 +73,7 @@ def sdpa_attention(
     out = torch.empty_like(q)
     batch = meta.decode_batch() if kv_cache is not None else None
     if batch is not None and kv_cache is not None:
-        out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale, gqa)
+        out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale)
     batched = set(batch.seqs) if batch is not None else set()
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]

@@ -40,7 +40,14 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
+        # oneDNN's blocked copy of the weight (see pack_linear_weights); None = plain F.linear.
+        self.packed_weight: torch.Tensor | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed_weight is not None:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features),
+                                                   self.packed_weight, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -70,3 +77,40 @@ class MergedLinear(Linear):
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split an output [..., out_features] back into its shards, in order."""
         return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))
+
+
+#: Batch size oneDNN tunes the packed layout for (decode batches; prefill is compute-bound).
+PACKING_BATCH_HINT = 64
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """bf16 weights on a CPU whose torch build has oneDNN's packed linear kernels."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+            and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Give every bf16 `Linear` on CPU a oneDNN-packed copy of its weight and use it from now
+    on; the plain weight is then released unless another module shares it (tied embeddings).
+
+    Why: oneDNN re-lays the plain [out, in] weight out on every call; the packed layout streams
+    it once, which on AVX-512 machines makes decode-sized products (a few rows) 1.5-2x faster.
+    Returns the number of layers packed. Loading weights must happen before this.
+    """
+    uses: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    count = 0
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.packed_weight is not None:
+            continue
+        weight = module.weight
+        if not can_pack(weight):
+            continue
+        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
+                                                                     PACKING_BATCH_HINT)
+        if uses[id(weight)] == 1:
+            weight.data = torch.empty(0, dtype=weight.dtype)
+        count += 1
+    return count

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from glmv.engine.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from glmv.layers.linear import pack_linear_weights
 from glmv.models.glm4v import Glm4vForConditionalGeneration
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.multimodal.rope_index import decode_positions
@@ -30,6 +31,8 @@ class ModelRunner:
     def __init__(self, model: Glm4vForConditionalGeneration, cache: KVCacheSpec,
                  device: torch.device | str = "cpu", encoder_cache_bytes: int = 0) -> None:
         self.model = model
+        # CPU bf16: oneDNN-packed weights (much faster decode-sized products).
+        self.num_packed_layers = pack_linear_weights(model)
         self.cache_spec = cache
         self.device = torch.device(device)
         self.kv_caches = allocate_kv_cache(cache, self.device)
@@ -59,8 +62,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
-        """Run all chunks in one forward; logits [num_chunks, vocab] of each chunk's last token."""
-        return self._forward(chunks, list(range(len(chunks))))
+        """Run all chunks in one forward; logits [num_chunks, vocab] (float32) of each chunk's
+        last token."""
+        return self._forward(chunks, list(range(len(chunks)))).float()
 
     def _forward(self, chunks: list[SeqChunk], logit_chunks: list[int]) -> torch.Tensor:
         self._bind()
@@ -68,7 +72,7 @@ class ModelRunner:
         embeds = self.model.embed_with_vision(step.input_ids, step.vision_embeds,
                                               step.vision_mask)
         hidden = self.model(embeds, step.positions, step.meta)
-        return self.model.compute_logits(hidden[step.last_token_idx[logit_chunks]]).float()
+        return self.model.compute_logits(hidden[step.last_token_idx[logit_chunks]])
 
     # -- engine steps ------------------------------------------------------------------------
 
@@ -90,7 +94,7 @@ class ModelRunner:
         if not sampling:
             self._forward(chunks, [])
             return RunnerOutput(sampled={})
-        logits = self._forward(chunks, sampling)  # [len(sampling), vocab]
+        logits = self._forward(chunks, sampling)  # [len(sampling), vocab] in the model's dtype
         rows = [self._sampling_row(work.chunks[i]) for i in sampling]
         out = self.sampler(logits, rows)
         ids = [work.chunks[i].request.request_id for i in sampling]

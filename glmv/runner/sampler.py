@@ -84,9 +84,17 @@ class Sampler:
         self._scratch: torch.Tensor | None = None  # [>= rows, V], grown on demand
 
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits [R, vocab] float32, one row per entry of `rows` -> R token ids (+ logprobs)."""
+        """logits [R, vocab] (any float dtype), one row per entry of `rows` -> R token ids
+        (+ logprobs). Work is done in float32; an all-greedy batch needs no conversion (argmax
+        is the same on the exact float32 image of bf16/fp16 values, ties included)."""
         num_rows = len(rows)
         assert logits.dim() == 2 and logits.shape[0] == num_rows, (logits.shape, num_rows)
+        if all(r.is_greedy and not r.edits_logits and r.params.logprobs is None for r in rows):
+            token_ids: list[int] = logits.argmax(dim=-1).tolist()
+            for i, row in enumerate(rows):
+                if row.forced_token is not None:
+                    token_ids[i] = row.forced_token
+            return SamplerOutput(token_ids, [None] * num_rows)
         logits = logits.float()  # no-op for float32
         plain_greedy: list[int] = []  # argmax of the raw row
         edited_greedy: list[int] = []
@@ -99,8 +107,8 @@ class Sampler:
             else:
                 (edited_greedy if row.edits_logits else plain_greedy).append(i)
 
-        if len(plain_greedy) == num_rows:  # the common case: one argmax, one transfer
-            token_ids: list[int] = logits.argmax(dim=-1).tolist()
+        if len(plain_greedy) == num_rows:  # one argmax, one transfer
+            token_ids = logits.argmax(dim=-1).tolist()
         else:
             token_ids = [0] * num_rows
             if plain_greedy:
