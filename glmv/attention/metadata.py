@@ -70,11 +70,11 @@ class AttentionMetadata:
 
     def decode_batch(self) -> DecodeBatch | None:
         """The sequences with one new token and cached context, laid out for one batched
-        attention call (built once per step, reused by every layer); None when fewer than two."""
+        attention call (built once per step, reused by every layer); None when there are none."""
         if self._decode is None and self.block_tables is not None:
             seqs = [i for i in range(self.num_seqs)
                     if self.query_len(i) == 1 and self.seq_lens[i] > 1]
-            if len(seqs) >= 2:
+            if seqs:
                 self._decode = DecodeBatch.build(self, seqs)
         return self._decode
 

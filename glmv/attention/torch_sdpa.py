@@ -24,8 +24,9 @@ def _gather_context(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_len: 
                     block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     num_blocks = -(-seq_len // block_size)
     blocks = block_table[:num_blocks].long()
-    k = kv_cache[0, blocks].flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, D]
-    v = kv_cache[1, blocks].flatten(0, 1)[:seq_len]
+    # index_select: much cheaper on CPU than advanced indexing
+    k = kv_cache[0].index_select(0, blocks).flatten(0, 1)[:seq_len]  # [seq_len, kv_heads, D]
+    v = kv_cache[1].index_select(0, blocks).flatten(0, 1)[:seq_len]
     return k, v
 
 
