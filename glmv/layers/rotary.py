@@ -56,16 +56,14 @@ class MRotaryEmbedding(nn.Module):
             cos, sin = torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1)
         return cos.to(dtype), sin.to(dtype)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [N, num_heads, head_dim], k: [N, num_kv_heads, head_dim]; cos/sin from cos_sin."""
+    def forward(self, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Rotate q and k heads together, in place: qk [N, num_heads + num_kv_heads, head_dim]
+        (a view of the fused qkv projection's output); cos/sin from cos_sin. One pass over both
+        instead of two halves one pass saves a dozen small operator calls per layer."""
         cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, rotary_dim]
         rotate = _rotate_pairs if self.interleaved else _rotate_half
-        out = []
-        for x in (q, k):
-            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
-            out.append(torch.cat((rot * cos + rotate(rot) * sin, rest), dim=-1))
-        return out[0], out[1]
+        rot = qk[..., : self.rotary_dim]
+        rot.copy_(rot * cos + rotate(rot) * sin)
 
 
 class VisionRotaryEmbedding(nn.Module):

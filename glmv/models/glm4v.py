@@ -77,11 +77,13 @@ class Glm4vTextAttention(nn.Module):
     def forward(self, h: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
         n = h.shape[0]
-        q, k, v = self.qkv_proj.split(self.qkv_proj(h))
+        qkv = self.qkv_proj(h)  # [N, (heads + 2 * kv_heads) * head_dim], q | k | v
+        qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
+        rotary(qkv[:, :qk_width].view(n, -1, self.head_dim), *rope)  # in place
+        q, k, v = self.qkv_proj.split(qkv)
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, meta))
 
 
