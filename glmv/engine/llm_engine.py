@@ -186,14 +186,11 @@ class LLMEngine:
         """Cancel requests (by the id given to add_request) at any point; unknown ids are
         ignored. Their blocks are freed at once."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
-            group = self._groups.pop(request_id, None)
+            group = self._groups.get(request_id)
             if group is None:
                 continue
-            ids = [c.request.request_id for c in group.completions]
-            self.scheduler.abort_requests(ids)
-            self.runner.release(ids)
-            for child_id in ids:
-                self._children.pop(child_id, None)
+            self.scheduler.abort_requests([c.request.request_id for c in group.completions])
+            self._retire(group)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)

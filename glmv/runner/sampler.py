@@ -90,12 +90,6 @@ class Sampler:
         num_rows = len(rows)
         assert logits.dim() == 2 and logits.shape[0] == num_rows, (logits.shape, num_rows)
         logits = logits.float()  # no-op for float32
-        if all(r.is_greedy and not r.edits_logits and r.params.logprobs is None for r in rows):
-            token_ids: list[int] = logits.argmax(dim=-1).tolist()
-            for i, row in enumerate(rows):
-                if row.forced_token is not None:
-                    token_ids[i] = row.forced_token
-            return SamplerOutput(token_ids, [None] * num_rows)
         plain_greedy: list[int] = []  # argmax of the raw row
         edited_greedy: list[int] = []
         sampled: list[int] = []
@@ -107,8 +101,8 @@ class Sampler:
             else:
                 (edited_greedy if row.edits_logits else plain_greedy).append(i)
 
-        if len(plain_greedy) == num_rows:  # one argmax, one transfer
-            token_ids = logits.argmax(dim=-1).tolist()
+        if len(plain_greedy) == num_rows:  # the common case: one argmax, one transfer
+            token_ids: list[int] = logits.argmax(dim=-1).tolist()
         else:
             token_ids = [0] * num_rows
             if plain_greedy:
