@@ -94,12 +94,16 @@ class DecodeBatch:
         flat_blocks [S * num_blocks]: block ids covering the longest context, row by row
                                       (padding: block 0)
         padding     [S, 1, 1, num_blocks * block_size]: True for key positions >= seq_len
+        seq_idx, seq_lens [S] int64: row of block_tables and context length of each (for
+                                     kernels that read the block tables themselves)
     """
 
     seqs: list[int]  # sequence indices in the step
     token_idx: torch.Tensor  # [S] index of each sequence's new token among the step's tokens
     flat_blocks: torch.Tensor  # [S * num_blocks] int64
     padding: torch.Tensor  # [S, 1, 1, T] bool
+    seq_idx: torch.Tensor  # [S] int64
+    seq_lens: torch.Tensor  # [S] int64
 
     @classmethod
     def build(cls, meta: AttentionMetadata, seqs: list[int]) -> DecodeBatch:
@@ -112,4 +116,4 @@ class DecodeBatch:
         keys = torch.arange(num_blocks * meta.block_size, device=device)
         padding = (keys[None, :] >= lens[:, None])[:, None, None, :]
         token_idx = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
-        return cls(seqs, token_idx, tables.reshape(-1), padding)
+        return cls(seqs, token_idx, tables.reshape(-1), padding, index, lens)

@@ -10,11 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from glmv.attention.metadata import AttentionMetadata, DecodeBatch
+from glmv.kernels import cpu_ops
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; k, v: [N, kv_heads, D]."""
+    ops = cpu_ops(kv_cache)
+    if (ops is not None and k.dtype is kv_cache.dtype and v.dtype is kv_cache.dtype
+            and k.stride(1) == k.shape[2] and v.stride(1) == v.shape[2]
+            and k.stride(2) == 1 and v.stride(2) == 1):
+        ops.write_kv(kv_cache, k, v, slot_mapping)
+        return
     num_kv_heads, head_dim = k.shape[1], k.shape[2]
     kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
     kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
@@ -74,7 +81,13 @@ def sdpa_attention(
     out = torch.empty_like(q)
     batch = meta.decode_batch() if kv_cache is not None else None
     if batch is not None and kv_cache is not None:
-        out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale)
+        ops = cpu_ops(q)
+        if ops is not None and kv_cache.dtype is q.dtype:
+            assert meta.block_tables is not None
+            ops.paged_decode_attention(out, q, kv_cache, meta.block_tables, batch.seq_idx,
+                                       batch.token_idx, batch.seq_lens, scale)
+        else:
+            out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale)
     batched = set(batch.seqs) if batch is not None else set()
     for i in range(meta.num_seqs):
         start, end = meta.query_start_loc[i], meta.query_start_loc[i + 1]

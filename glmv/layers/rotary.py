@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glmv.kernels import cpu_ops
+
 
 def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
     """(x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
@@ -60,6 +62,10 @@ class MRotaryEmbedding(nn.Module):
         """Rotate q and k heads together, in place: qk [N, num_heads + num_kv_heads, head_dim]
         (a view of the fused qkv projection's output); cos/sin from cos_sin. One pass over both
         instead of two halves one pass saves a dozen small operator calls per layer."""
+        ops = cpu_ops(qk)
+        if ops is not None and qk.stride(-1) == 1 and cos.dtype is qk.dtype:
+            ops.rotary_(qk, cos, sin, self.interleaved)
+            return
         cos, sin = cos[:, None, :], sin[:, None, :]  # [N, 1, rotary_dim]
         rotate = _rotate_pairs if self.interleaved else _rotate_half
         rot = qk[..., : self.rotary_dim]

@@ -25,7 +25,7 @@ from glmv.layers.attention import Attention
 from glmv.layers.embedding import VocabEmbedding
 from glmv.layers.linear import Linear, MergedLinear
 from glmv.layers.mlp import GatedMLP
-from glmv.layers.norm import RMSNorm
+from glmv.layers.norm import RMSNorm, add_rms_norm, norm_add
 from glmv.layers.rotary import MRotaryEmbedding
 from glmv.models.glm4v_vision import Glm4vVisionModel
 
@@ -103,9 +103,10 @@ class Glm4vTextDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
-        h = x + self.post_self_attn_layernorm(attn)
-        mlp = self.mlp(self.post_attention_layernorm(h))
-        return h + self.post_mlp_layernorm(mlp)
+        # h = x + post_self_attn_norm(attn); the MLP reads post_attention_norm(h)
+        h, normed = add_rms_norm(attn, x, self.post_self_attn_layernorm,
+                                 self.post_attention_layernorm)
+        return norm_add(self.mlp(normed), h, self.post_mlp_layernorm)
 
 
 class Glm4vTextModel(nn.Module):

@@ -18,7 +18,7 @@ from glmv.attention.metadata import AttentionMetadata
 from glmv.config import MoEConfig, TextConfig
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.moe import FusedExperts, TopkRouter
-from glmv.layers.norm import RMSNorm
+from glmv.layers.norm import RMSNorm, add_rms_norm
 from glmv.layers.rotary import MRotaryEmbedding
 from glmv.models.glm4v import (
     QKV_RULES,
@@ -75,8 +75,9 @@ class Glm4vMoeTextDecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, rotary, meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
+        h, normed = add_rms_norm(attn, x, None, self.post_attention_layernorm)  # h = x + attn
+        return h + self.mlp(normed)
 
 
 class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):

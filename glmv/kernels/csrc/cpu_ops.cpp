@@ -1,0 +1,481 @@
+// glmv's fused CPU operators for the bf16 decoder (registered as torch.ops.glmv.*).
+//
+// Each replaces a chain of small PyTorch calls whose per-call overhead dominates a decode step
+// on a few cores. Rounding follows the PyTorch code they replace (glmv/layers/*.py): values are
+// widened to fp32, sums are added in the order ATen adds them, and results are rounded to bf16
+// wherever the PyTorch chain rounds, so norms, rotary and the KV write match it bit for bit.
+// Two differ on purpose: SwiGLU's exp is a polynomial (within an ulp of libm's, so silu may
+// land one bf16 ulp away), and decode attention keeps fp32 throughout where the PyTorch path
+// rounds its probabilities to bf16.
+//
+// Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
+// vectorises them for the machine it runs on; threads come from ATen's pool (at::parallel_for).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int kLanes = 16;
+
+inline float bf2f(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+// Round to nearest even, NaN kept quiet: c10::BFloat16's conversion.
+inline uint16_t f2bf(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float round_bf(float f) { return bf2f(f2bf(f)); }
+
+// exp(x) to ~1 ulp (Cephes expf): range reduction by ln 2, degree-6 polynomial. Written
+// without calls so loops using it vectorise.
+inline float exp_approx(float x) {
+  constexpr float kHi = 88.72283935546875f, kLo = -103.972084045410f;
+  float xc = std::min(std::max(x, kLo), kHi);
+  float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  // 2^n in two halves so that n down to -150 (denormal results) stays representable.
+  int32_t ni = int32_t(n);
+  int32_t a = ni / 2, b = ni - ni / 2;
+  uint32_t ea = uint32_t(a + 127) << 23, eb = uint32_t(b + 127) << 23;
+  float fa, fb;
+  std::memcpy(&fa, &ea, sizeof fa);
+  std::memcpy(&fb, &eb, sizeof fb);
+  float y = p * fa * fb;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+  return x < kLo ? 0.0f : y;
+}
+
+const uint16_t* bits(const at::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+uint16_t* mbits(const at::Tensor& t) {
+  return reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+void check_bf16(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16");
+}
+
+// Rows of a 2-D tensor: contiguous along the last dimension, any row stride.
+void check_rows(const at::Tensor& t, const char* name, int64_t width) {
+  check_bf16(t, name);
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == width && t.stride(1) == 1, name,
+              " must be [rows, ", width, "] with unit stride along the row");
+}
+
+// Lanes of the Vectorized<float> that ATen's sum runs with: 8 (its AVX2 kernel, which torch
+// keeps using on AVX512 machines, and the default build's 32-byte vectors).
+constexpr int kSumLanes = 8;
+
+int ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  int bits = 0;
+  for (uint64_t v = uint64_t(x) - 1; v != 0; v >>= 1) ++bits;
+  return bits;
+}
+
+// sum(x^2) of one row in fp32, adding in the order of ATen's vectorised inner sum (SumKernel:
+// vectors of L lanes in groups of 4 accumulated over a cascade of 4 levels, groups folded
+// together, the scalar tail, then the lanes one by one), so that the result is the same
+// float that `x.float().pow(2).mean(-1)` sums to. Squares of bf16 values are exact in fp32.
+template <int L>
+float sum_squares(const uint16_t* x, int64_t n) {
+  constexpr int kIlp = 4, kLevels = 4;
+  int64_t vecs = n / L, groups = vecs / kIlp;
+  int level_power = std::max(4, ceil_log2(groups) / kLevels);
+  int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  float acc[kLevels][kIlp][L] = {};
+  auto add_vec = [&](float* dst, int64_t v) {
+    const uint16_t* p = x + v * L;
+    for (int l = 0; l < L; ++l) {
+      float f = bf2f(p[l]);
+      dst[l] += f * f;
+    }
+  };
+  int64_t i = 0;
+  while (i + level_step <= groups) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k)
+        for (int l = 0; l < L; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.0f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < groups; ++i)
+    for (int k = 0; k < kIlp; ++k) add_vec(acc[0][k], i * kIlp + k);
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k)
+      for (int l = 0; l < L; ++l) acc[0][k][l] += acc[j][k][l];
+  float* part = acc[0][0];
+  for (int64_t v = groups * kIlp; v < vecs; ++v) add_vec(part, v);
+  for (int k = 1; k < kIlp; ++k)
+    for (int l = 0; l < L; ++l) part[l] += acc[0][k][l];
+  float total = 0.0f;
+  for (int64_t t = vecs * L; t < n; ++t) total += bf2f(x[t]) * bf2f(x[t]);
+  for (int l = 0; l < L; ++l) total += part[l];
+  return total;
+}
+
+// 1 / sqrt(mean(x^2) + eps) of one row, in fp32, rounded as torch rounds it.
+float inv_rms(const uint16_t* x, int64_t n, float eps) {
+  float sum = sum_squares<kSumLanes>(x, n);
+  return 1.0f / std::sqrt(sum / float(n) + eps);
+}
+
+// out = bf16(weight * bf16(x * inv_rms(x))), as glmv.layers.norm.RMSNorm rounds.
+void norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t n, float eps) {
+  float scale = inv_rms(x, n, eps);
+  for (int64_t i = 0; i < n; ++i) out[i] = f2bf(bf2f(w[i]) * round_bf(bf2f(x[i]) * scale));
+}
+
+constexpr int64_t kRowGrain = 32;  // rows per thread task: small batches run on one thread
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  int64_t n = weight.size(0);
+  check_rows(x, "x", n);
+  check_bf16(weight, "weight");
+  TORCH_CHECK(weight.is_contiguous(), "weight must be contiguous");
+  auto out = at::empty({x.size(0), n}, x.options());
+  const uint16_t* xp = bits(x);
+  const uint16_t* wp = bits(weight);
+  uint16_t* op = mbits(out);
+  int64_t xs = x.stride(0);
+  at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) norm_row(xp + r * xs, wp, op + r * n, n, float(eps));
+  });
+  return out;
+}
+
+// h = residual + (weight_x ? norm(x, weight_x) : x); out = norm(h, weight_out) if given.
+void add_norm_impl(const at::Tensor& x, const at::Tensor& residual,
+                   const c10::optional<at::Tensor>& weight_x, const at::Tensor* weight_out,
+                   const at::Tensor& h, const at::Tensor* out, double eps) {
+  int64_t n = residual.size(1);
+  check_rows(x, "x", n);
+  check_rows(residual, "residual", n);
+  TORCH_CHECK(x.size(0) == residual.size(0), "x and residual must have the same rows");
+  const uint16_t* wx = nullptr;
+  if (weight_x.has_value()) {
+    check_bf16(*weight_x, "weight_x");
+    TORCH_CHECK(weight_x->is_contiguous() && weight_x->numel() == n, "weight_x must be [", n, "]");
+    wx = bits(*weight_x);
+  }
+  const uint16_t* wo = nullptr;
+  if (weight_out != nullptr) {
+    check_bf16(*weight_out, "weight_out");
+    TORCH_CHECK(weight_out->is_contiguous() && weight_out->numel() == n,
+                "weight_out must be [", n, "]");
+    wo = bits(*weight_out);
+  }
+  const uint16_t* xp = bits(x);
+  const uint16_t* rp = bits(residual);
+  uint16_t* hp = mbits(h);
+  uint16_t* op = out != nullptr ? mbits(*out) : nullptr;
+  int64_t xs = x.stride(0), rs = residual.stride(0);
+  at::parallel_for(0, x.size(0), kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<uint16_t> normed(wx != nullptr ? n : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const uint16_t* xr = xp + r * xs;
+      if (wx != nullptr) {
+        norm_row(xr, wx, normed.data(), n, float(eps));
+        xr = normed.data();
+      }
+      const uint16_t* rr = rp + r * rs;
+      uint16_t* hr = hp + r * n;
+      for (int64_t i = 0; i < n; ++i) hr[i] = f2bf(bf2f(rr[i]) + bf2f(xr[i]));
+      if (wo != nullptr) norm_row(hr, wo, op + r * n, n, float(eps));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& residual,
+                                                const c10::optional<at::Tensor>& weight_x,
+                                                const at::Tensor& weight_out, double eps) {
+  auto h = at::empty({residual.size(0), residual.size(1)}, residual.options());
+  auto out = at::empty_like(h);
+  add_norm_impl(x, residual, weight_x, &weight_out, h, &out, eps);
+  return {h, out};
+}
+
+at::Tensor norm_add(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight,
+                    double eps) {
+  auto h = at::empty({residual.size(0), residual.size(1)}, residual.options());
+  add_norm_impl(x, residual, weight, nullptr, h, nullptr, eps);
+  return h;
+}
+
+// x [rows, 2 I] (gate | up) -> bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds.
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [rows, 2 * width]");
+  int64_t width = x.size(1) / 2;
+  check_rows(x, "x", 2 * width);
+  auto out = at::empty({x.size(0), width}, x.options());
+  const uint16_t* xp = bits(x);
+  uint16_t* op = mbits(out);
+  int64_t xs = x.stride(0);
+  // Split along the row too: a batch of a few rows still has thousands of exps per row.
+  constexpr int64_t kChunk = 512;
+  int64_t chunks = (width + kChunk - 1) / kChunk;
+  at::parallel_for(0, x.size(0) * chunks, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t r = task / chunks, c0 = (task % chunks) * kChunk;
+      int64_t c1 = std::min(width, c0 + kChunk);
+      const uint16_t* g = xp + r * xs;
+      const uint16_t* u = g + width;
+      uint16_t* o = op + r * width;
+      for (int64_t i = c0; i < c1; ++i) {
+        float gv = bf2f(g[i]);
+        float s = round_bf(gv / (1.0f + exp_approx(-gv)));
+        o[i] = f2bf(s * bf2f(u[i]));
+      }
+    }
+  });
+  return out;
+}
+
+// In place on qk [tokens, heads, head_dim] (unit stride along head_dim): the first
+// rotary_dim = cos.size(1) dims of every head become bf16(bf16(x cos) + bf16(rot(x) sin)),
+// rot pairing (x0, x1) GPT-J style ("interleaved") or the two halves NeoX style.
+void rotary_(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin,
+             bool interleaved) {
+  check_bf16(qk, "qk");
+  TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1, "qk must be [tokens, heads, head_dim]");
+  int64_t tokens = qk.size(0), heads = qk.size(1);
+  int64_t rd = cos.size(1);
+  check_rows(cos, "cos", rd);
+  check_rows(sin, "sin", rd);
+  TORCH_CHECK(cos.size(0) == tokens && sin.size(0) == tokens, "cos/sin must have a row per token");
+  TORCH_CHECK(rd % 2 == 0 && rd <= qk.size(2), "rotary_dim must be even and <= head_dim");
+  uint16_t* qp = mbits(qk);
+  const uint16_t* cp = bits(cos);
+  const uint16_t* sp = bits(sin);
+  int64_t ts = qk.stride(0), hs = qk.stride(1), cs = cos.stride(0), ss = sin.stride(0);
+  int64_t half = rd / 2;
+  at::parallel_for(0, tokens * heads, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> x(rd);
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t t = task / heads, h = task % heads;
+      uint16_t* v = qp + t * ts + h * hs;
+      const uint16_t* c = cp + t * cs;
+      const uint16_t* s = sp + t * ss;
+      for (int64_t i = 0; i < rd; ++i) x[i] = bf2f(v[i]);
+      for (int64_t i = 0; i < rd; ++i) {
+        float rot;
+        if (interleaved) rot = (i % 2 == 0) ? -x[i + 1] : x[i - 1];
+        else rot = i < half ? -x[i + half] : x[i - half];
+        v[i] = f2bf(round_bf(x[i] * bf2f(c[i])) + round_bf(rot * bf2f(s[i])));
+      }
+    }
+  });
+}
+
+void check_cache(const at::Tensor& kv_cache) {
+  check_bf16(kv_cache, "kv_cache");
+  TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous [2, blocks, block_size, kv_heads, head_dim]");
+}
+
+// kv_cache[0/1] slot slot_mapping[t] <- k[t], v[t]; k, v [tokens, kv_heads, head_dim], each
+// token's heads contiguous (views into the fused qkv output are fine).
+void write_kv(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& slot_mapping) {
+  check_cache(kv_cache);
+  check_bf16(k, "k");
+  check_bf16(v, "v");
+  int64_t kvh = kv_cache.size(3), d = kv_cache.size(4);
+  for (const at::Tensor* t : {&k, &v})
+    TORCH_CHECK(t->dim() == 3 && t->size(1) == kvh && t->size(2) == d && t->stride(2) == 1 &&
+                    t->stride(1) == d,
+                "k and v must be [tokens, kv_heads, head_dim] with each token's heads contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous() &&
+                  slot_mapping.numel() == k.size(0) && v.size(0) == k.size(0),
+              "slot_mapping must be int64 with one slot per token");
+  int64_t row = kvh * d;
+  int64_t slots = kv_cache.size(1) * kv_cache.size(2);
+  uint16_t* kc = mbits(kv_cache);
+  uint16_t* vc = kc + slots * row;
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  const uint16_t* kp = bits(k);
+  const uint16_t* vp = bits(v);
+  int64_t ks = k.stride(0), vs = v.stride(0);
+  for (int64_t t = 0; t < k.size(0); ++t)
+    TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "slot ", slot[t], " out of range");
+  at::parallel_for(0, k.size(0), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kc + slot[t] * row, kp + t * ks, row * sizeof(uint16_t));
+      std::memcpy(vc + slot[t] * row, vp + t * vs, row * sizeof(uint16_t));
+    }
+  });
+}
+
+// Decode attention straight from the paged cache: for decode sequence i (one new token at row
+// token_idx[i] of q), attend over the seq_lens[i] cached keys listed by
+// block_tables[seq_idx[i]] and write out[token_idx[i]]. q, out [tokens, heads, head_dim]
+// (unit stride along head_dim); grouped-query heads share their KV head. Scores, softmax and
+// the weighted sum stay in fp32; one rounding to bf16 at the end.
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_idx,
+                            const at::Tensor& token_idx, const at::Tensor& seq_lens,
+                            double scale) {
+  check_cache(kv_cache);
+  check_bf16(q, "q");
+  check_bf16(out, "out");
+  int64_t block_size = kv_cache.size(2), kvh = kv_cache.size(3), d = kv_cache.size(4);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.size(2) == d, "q must be [tokens, heads, ",
+              d, "]");
+  int64_t heads = q.size(1);
+  TORCH_CHECK(heads % kvh == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(out.dim() == 3 && out.size(1) == heads && out.size(2) == d && out.stride(2) == 1,
+              "out must be shaped like q");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous(),
+              "block_tables must be a contiguous int32 [seqs, max_blocks]");
+  for (const at::Tensor* t : {&seq_idx, &token_idx, &seq_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 &&
+                    t->numel() == seq_idx.numel(),
+                "seq_idx, token_idx and seq_lens must be int64 vectors of the same length");
+  int64_t num = seq_idx.numel();
+  int64_t max_blocks = block_tables.size(1);
+  int64_t num_blocks = kv_cache.size(1);
+  const int64_t* si = seq_idx.data_ptr<int64_t>();
+  const int64_t* ti = token_idx.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num; ++i) {
+    TORCH_CHECK(si[i] >= 0 && si[i] < block_tables.size(0), "seq_idx out of range");
+    TORCH_CHECK(ti[i] >= 0 && ti[i] < q.size(0) && ti[i] < out.size(0), "token_idx out of range");
+    TORCH_CHECK(sl[i] >= 1 && sl[i] <= max_blocks * block_size, "seq_len out of range");
+    const int32_t* table = block_tables.data_ptr<int32_t>() + si[i] * max_blocks;
+    for (int64_t b = 0; b < (sl[i] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(table[b] >= 0 && table[b] < kv_cache.size(1), "block id ", table[b],
+                  " out of range");
+  }
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const uint16_t* kc = bits(kv_cache);
+  const uint16_t* vc = kc + num_blocks * block_size * kvh * d;
+  const uint16_t* qp = bits(q);
+  uint16_t* op = mbits(out);
+  int64_t group = heads / kvh;
+  int64_t qts = q.stride(0), qhs = q.stride(1), ots = out.stride(0), ohs = out.stride(1);
+  int64_t slot_row = kvh * d;
+  float fscale = float(scale);
+
+  at::parallel_for(0, num * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, scores, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t i = task / kvh, kh = task % kvh;
+      int64_t len = sl[i];
+      const int32_t* table = bt + si[i] * max_blocks;
+      qf.assign(group * d, 0.0f);
+      scores.resize(group * len);
+      acc.assign(group * d, 0.0f);
+      for (int64_t g = 0; g < group; ++g) {
+        const uint16_t* qr = qp + ti[i] * qts + (kh * group + g) * qhs;
+        for (int64_t j = 0; j < d; ++j) qf[g * d + j] = bf2f(qr[j]) * fscale;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        int64_t block = table[t / block_size];
+        const uint16_t* kr = kc + (block * block_size + t % block_size) * slot_row + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * d;
+          float lanes[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= d; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) lanes[l] += qg[j + l] * bf2f(kr[j + l]);
+          float s = 0.0f;
+          for (int l = 0; l < kLanes; ++l) s += lanes[l];
+          for (; j < d; ++j) s += qg[j] * bf2f(kr[j]);
+          scores[g * len + t] = s;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        // lane-wise max and sum so that the loops vectorise (fp32 sums are not reassociated)
+        float lanes[kLanes];
+        std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
+        int64_t t = 0;
+        for (; t + kLanes <= len; t += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sg[t + l]);
+        float m = -std::numeric_limits<float>::infinity();
+        for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+        for (; t < len; ++t) m = std::max(m, sg[t]);
+        for (t = 0; t < len; ++t) sg[t] = exp_approx(sg[t] - m);
+        std::fill_n(lanes, kLanes, 0.0f);
+        for (t = 0; t + kLanes <= len; t += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] += sg[t + l];
+        float total = 0.0f;
+        for (int l = 0; l < kLanes; ++l) total += lanes[l];
+        for (; t < len; ++t) total += sg[t];
+        float inv = 1.0f / total;
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        int64_t block = table[t / block_size];
+        const uint16_t* vr = vc + (block * block_size + t % block_size) * slot_row + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+          float p = scores[g * len + t];
+          float* ag = acc.data() + g * d;
+          for (int64_t j = 0; j < d; ++j) ag[j] += p * bf2f(vr[j]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        uint16_t* orow = op + ti[i] * ots + (kh * group + g) * ohs;
+        for (int64_t j = 0; j < d; ++j) orow[j] = f2bf(acc[g * d + j]);
+      }
+    }
+  });
+}
+
+
+}  // namespace
+
+TORCH_LIBRARY(glmv, m) {
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor x, Tensor residual, Tensor? weight_x, Tensor weight_out, float eps)"
+        " -> (Tensor, Tensor)");
+  m.def("norm_add(Tensor x, Tensor residual, Tensor weight, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary_(Tensor(a!) qk, Tensor cos, Tensor sin, bool interleaved) -> ()");
+  m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
+  m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables,"
+        " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(glmv, CPU, m) {
+  m.impl("rms_norm", &rms_norm);
+  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("norm_add", &norm_add);
+  m.impl("silu_and_mul", &silu_and_mul);
+  m.impl("rotary_", &rotary_);
+  m.impl("write_kv", &write_kv);
+  m.impl("paged_decode_attention", &paged_decode_attention);
+}

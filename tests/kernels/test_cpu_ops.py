@@ -1,0 +1,202 @@
+"""The fused CPU kernels against the PyTorch code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmv import kernels
+from glmv.attention import torch_sdpa
+from glmv.attention.metadata import AttentionMetadata
+from glmv.layers.norm import RMSNorm
+
+ops = kernels.get_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason=f"CPU kernels not built: {kernels.status()}")
+
+BF16 = torch.bfloat16
+
+
+def _bf16(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(BF16)
+
+
+def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Distance in bf16 units in the last place (same-sign values)."""
+    return (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+
+
+def _norm(width: int, seed: int) -> RMSNorm:
+    norm = RMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(width, generator=torch.Generator().manual_seed(seed)) + 0.5)
+    return norm.to(BF16)
+
+
+@pytest.mark.parametrize("width", [3, 65, 128, 1000, 1024, 1536, 4096, 4100, 8192])
+def test_rms_norm_is_bit_equal_to_reference(width: int) -> None:
+    """The sum of squares is added in ATen's order, so even a 1-ulp flip never happens (one
+    would be enough to flip a near-tie MoE routing decision downstream)."""
+    norm = _norm(width, seed=1)
+    for rows in (1, 5, 70):
+        g = torch.Generator().manual_seed(rows * width)
+        x = (torch.randn(rows, width, generator=g) * torch.rand(rows, 1, generator=g) * 10)
+        x = x.to(BF16)
+        assert torch.equal(ops.rms_norm(x, norm.weight, norm.eps), norm.reference(x))
+    # rows of a wider tensor (a stride other than the width)
+    wide = _bf16(7, width + 40, seed=9)
+    assert torch.equal(ops.rms_norm(wide[:, :width], norm.weight, norm.eps),
+                       norm.reference(wide[:, :width].contiguous()))
+
+
+def test_add_rms_norm_and_norm_add_match_reference() -> None:
+    n_x, n_out = _norm(512, seed=2), _norm(512, seed=3)
+    x, res = _bf16(40, 512, seed=4), _bf16(40, 512, seed=5, scale=4.0)
+    h, out = ops.add_rms_norm(x, res, n_x.weight, n_out.weight, n_out.eps)
+    assert torch.equal(h, res + n_x.reference(x))
+    assert torch.equal(out, n_out.reference(h))
+    h2, out2 = ops.add_rms_norm(x, res, None, n_out.weight, n_out.eps)
+    assert torch.equal(h2, res + x)
+    assert torch.equal(out2, n_out.reference(res + x))
+    got = ops.norm_add(x, res, n_x.weight, n_x.eps)
+    assert torch.equal(got, h)
+
+
+def test_silu_and_mul_matches_reference() -> None:
+    x = _bf16(7, 2 * 1536, seed=6, scale=4.0)
+    gate, up = x.chunk(2, dim=-1)
+    ref = F.silu(gate) * up
+    got = ops.silu_and_mul(x)
+    # exp is a polynomial here: the silu may land one ulp away before the product rounds.
+    assert _ulps(got, ref).max() <= 2
+    assert (got != ref).float().mean() < 0.01
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_rotary_matches_reference(interleaved: bool) -> None:
+    from glmv.layers.rotary import MRotaryEmbedding
+
+    rotary = MRotaryEmbedding(64, 10000.0, (8, 12, 12), "interleaved" if interleaved else "neox")
+    positions = torch.randint(0, 4000, (3, 9), generator=torch.Generator().manual_seed(7))
+    cos, sin = rotary.cos_sin(positions, BF16)
+    qkv = _bf16(9, 6 * 128, seed=8)  # 4 heads + 2 kv heads of 128, then nothing: rotate q | k
+    expected = qkv.clone()
+    view = expected.view(9, 6, 128)
+    c, s = cos[:, None, :], sin[:, None, :]
+    rot = view[..., :64]
+    if interleaved:
+        rotated = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+    else:
+        rotated = torch.cat((-rot[..., 32:], rot[..., :32]), dim=-1)
+    rot.copy_(rot * c + rotated * s)
+    ops.rotary_(qkv.view(9, 6, 128), cos, sin, interleaved)
+    assert torch.equal(qkv, expected)
+
+
+def test_write_kv_matches_index_copy() -> None:
+    cache = torch.zeros(2, 6, 4, 2, 16, dtype=BF16)
+    qkv = _bf16(5, (4 + 2 + 2) * 16, seed=10)
+    k = qkv[:, 64:96].view(5, 2, 16)
+    v = qkv[:, 96:].view(5, 2, 16)
+    slots = torch.tensor([3, 9, 10, 22, 0])
+    ops.write_kv(cache, k, v, slots)
+    expected = torch.zeros_like(cache)
+    expected[0].view(-1, 2, 16).index_copy_(0, slots, k)
+    expected[1].view(-1, 2, 16).index_copy_(0, slots, v)
+    assert torch.equal(cache, expected)
+    with pytest.raises(RuntimeError, match="out of range"):
+        ops.write_kv(cache, k, v, torch.tensor([0, 1, 2, 3, 24]))
+
+
+def _decode_case(lens: list[int], heads: int, kv_heads: int, seed: int):
+    block_size, d = 4, 64
+    g = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    cache = (torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g)).to(BF16)
+    perm = torch.randperm(num_blocks, generator=g).tolist()  # scattered blocks
+    tables, used = [], 0
+    for n in lens:
+        need = -(-n // block_size)
+        tables.append(perm[used:used + need])
+        used += need
+    width = max(len(t) for t in tables)
+    block_tables = torch.zeros(len(lens), width, dtype=torch.int32)
+    for i, t in enumerate(tables):
+        block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    meta = AttentionMetadata(query_start_loc=list(range(len(lens) + 1)), seq_lens=lens,
+                             slot_mapping=torch.zeros(len(lens), dtype=torch.long),
+                             block_tables=block_tables, block_size=block_size)
+    q = torch.randn(len(lens), heads, d, generator=g).to(BF16)
+    return cache, meta, q
+
+
+def _reference_attention(cache, meta, q, scale) -> torch.Tensor:
+    outs = []
+    for i, n in enumerate(meta.seq_lens):
+        blocks = meta.block_tables[i, : -(-n // meta.block_size)].long()
+        k = cache[0, blocks].flatten(0, 1)[:n].float()  # [n, kv, d]
+        v = cache[1, blocks].flatten(0, 1)[:n].float()
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        scores = torch.einsum("hd,nhd->hn", q[i].float(), k) * scale
+        outs.append(torch.einsum("hn,nhd->hd", scores.softmax(-1), v))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (6, 1)])
+def test_paged_decode_attention_matches_fp32_reference(heads: int, kv_heads: int) -> None:
+    lens = [2, 3, 4, 17, 50]
+    cache, meta, q = _decode_case(lens, heads, kv_heads, seed=heads * 10 + kv_heads)
+    batch = meta.decode_batch()
+    assert batch is not None
+    scale = 64**-0.5
+    out = torch.full_like(q, float("nan"))
+    seq_idx = torch.arange(len(lens))
+    ops.paged_decode_attention(out, q, cache, meta.block_tables, seq_idx, seq_idx,
+                               torch.tensor(lens), scale)
+    ref = _reference_attention(cache, meta, q, scale)
+    torch.testing.assert_close(out.float(), ref, rtol=0, atol=1e-2)  # one bf16 rounding
+    # the PyTorch decode path (bf16 probabilities) lands as close to the same reference
+    fallback = torch_sdpa._decode_attention(q, cache, batch, scale)
+    assert (out.float() - ref).abs().max() <= (fallback.float() - ref).abs().max() + 1e-3
+
+
+def test_paged_decode_attention_rejects_bad_blocks() -> None:
+    cache, meta, q = _decode_case([5, 9], 4, 2, seed=1)
+    tables = meta.block_tables.clone()
+    tables[1, 1] = 999
+    idx = torch.arange(2)
+    with pytest.raises(RuntimeError, match="block id 999 out of range"):
+        ops.paged_decode_attention(torch.empty_like(q), q, cache, tables, idx, idx,
+                                   torch.tensor([5, 9]), 0.125)
+
+
+def test_switch_off_falls_back_to_pytorch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import torch; from glmv import kernels; "
+            "print(kernels.status()); print(kernels.cpu_ops(torch.ones(2, dtype=torch.bfloat16)))")
+    env = {**__import__("os").environ, kernels.ENV_SWITCH: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == [f"not used ({kernels.ENV_SWITCH}=0)", "None"]
+
+
+def test_build_failure_is_logged_and_falls_back(monkeypatch: pytest.MonkeyPatch,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    def broken() -> None:
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(kernels, "load", broken)
+    monkeypatch.setattr(kernels._State, "tried", False)
+    monkeypatch.setattr(kernels._State, "ops", None)
+    monkeypatch.setattr(kernels._State, "error", None)
+    with caplog.at_level("WARNING", logger="glmv.kernels"):
+        assert kernels.get_ops() is None
+        assert kernels.cpu_ops(torch.ones(2, dtype=BF16)) is None
+    assert "no compiler here" in caplog.text
+    assert kernels.status() == "not used (RuntimeError: no compiler here)"
+    x = torch.ones(3, 8, dtype=BF16)
+    assert torch.equal(_norm(8, 0)(x), _norm(8, 0).reference(x))  # the layer still works
