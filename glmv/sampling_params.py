@@ -55,6 +55,9 @@ class SamplingParams:
     ignore_eos: bool = False  # do not stop at the model's own stop tokens
     logprobs: int | None = None  # return the sampled token's logprob and this many top ones
     skip_special_tokens: bool = True  # drop special tokens from the text (not token_ids)
+    # Special tokens kept in the text even when skipping them (the server keeps the grounding
+    # box markers for its parser).
+    keep_special_token_ids: tuple[int, ...] = ()
     thinking_budget: int | None = None  # reasoning tokens before </think> is forced
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # passed through
 
@@ -67,6 +70,7 @@ class SamplingParams:
             object.__setattr__(self, "stop", tuple(self.stop))
         ids = () if self.stop_token_ids is None else tuple(self.stop_token_ids)
         object.__setattr__(self, "stop_token_ids", ids)
+        object.__setattr__(self, "keep_special_token_ids", tuple(self.keep_special_token_ids))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()

@@ -38,9 +38,14 @@ class IncrementalDetokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True,
-                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False) -> None:
+                 stop: Sequence[str] = (), include_stop_str_in_output: bool = False,
+                 keep_special_token_ids: Sequence[int] = ()) -> None:
         self._tokenizer = tokenizer
-        self._skip_special_tokens = skip_special_tokens
+        # Special tokens are dropped by id here (all but the kept ones); decoding then keeps
+        # whatever is left, which equals the tokenizer's own skipping when nothing is kept.
+        self._drop_ids = (tokenizer.special_ids - frozenset(keep_special_token_ids)
+                          if skip_special_tokens else frozenset())
+        self._skip_special_tokens = False
         self._vocab_size = tokenizer.vocab_size
         self._stop = tuple(s for s in stop if s)
         self._max_stop_len = max((len(s) for s in self._stop), default=0)
@@ -68,7 +73,8 @@ class IncrementalDetokenizer:
         if self.stop_reason is not None:
             return None
         # The random-weight models can sample ids in the padded part of the vocabulary.
-        self._ids.extend(t for t in new_token_ids if 0 <= t < self._vocab_size)
+        self._ids.extend(t for t in new_token_ids
+                         if 0 <= t < self._vocab_size and t not in self._drop_ids)
         new_text = self._decode_window()
         if not new_text:
             return None

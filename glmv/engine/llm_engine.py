@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 
@@ -92,6 +93,7 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._children: dict[str, tuple[_Group, _Completion]] = {}
         self.num_steps = 0
+        self.model_path: Path | None = None  # the checkpoint folder, when loaded from one
 
     @classmethod
     def from_args(cls, args: EngineArgs, media_policy: MediaPolicy | None = None) -> LLMEngine:
@@ -102,7 +104,9 @@ class LLMEngine:
         config = processor.config
         model = load_model(path, config, dtype=args.dtype, device=args.device,
                            progress=args.show_progress)
-        return cls.from_model(processor, model, args)
+        engine = cls.from_model(processor, model, args)
+        engine.model_path = Path(path)
+        return engine
 
     @classmethod
     def from_model(cls, processor: MultiModalProcessor, model: Glm4vForConditionalGeneration,
@@ -151,7 +155,7 @@ class LLMEngine:
             leader = leader or request
             completion = _Completion(request, IncrementalDetokenizer(
                 self.tokenizer, child_params.skip_special_tokens, child_params.stop,
-                child_params.include_stop_str_in_output),
+                child_params.include_stop_str_in_output, child_params.keep_special_token_ids),
                 [] if child_params.logprobs is not None else None)
             group.completions.append(completion)
             self._children[child_id] = (group, completion)
@@ -242,7 +246,11 @@ class LLMEngine:
         if position is not None and completion.logprobs is not None:
             completion.logprobs.append(position)
             completion.cumulative_logprob += position[new[-1]].logprob
-        stop = completion.detokenizer.update(new)
+        # A stop token ends the text without being part of it (vLLM's rule), unless asked.
+        text_ids = new
+        if request.stopped_on_token and not request.sampling_params.include_stop_str_in_output:
+            text_ids = new[:-1]
+        stop = completion.detokenizer.update(text_ids)
         if stop is not None and not request.is_finished:
             self.scheduler.finish_request(request, RequestStatus.FINISHED_STOPPED, stop)
         completion.delta_ids.extend(new)

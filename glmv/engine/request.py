@@ -160,6 +160,15 @@ class Request:
             return None
         return self.thinking_budget.forced_token(self.all_token_ids)
 
+    @property
+    def stopped_on_token(self) -> bool:
+        """Finished because its last token is a stop token (the model's or the request's)."""
+        if self.status is not RequestStatus.FINISHED_STOPPED or not self.num_output_tokens:
+            return False
+        last, params = self.all_token_ids[-1], self.sampling_params
+        return ((not params.ignore_eos and last in self.eos_token_ids)
+                or last in params.stop_token_ids)
+
     def check_stop(self, max_model_len: int) -> bool:
         """After a new token: finish on a stop token, max_tokens or max_model_len."""
         params = self.sampling_params

@@ -190,3 +190,19 @@ def test_held_back_text_is_released_when_it_stops_matching(tok: Tokenizer) -> No
     assert detok.get_delta() == "x"
     detok.update(tok.encode("z"))
     assert detok.get_delta() == "abz"
+
+
+def test_kept_special_tokens_stay_when_the_others_are_skipped(tok: Tokenizer) -> None:
+    # The server keeps the grounding markers in the text for its parser and drops the rest.
+    sp = tok.special
+    if sp.begin_of_box is None or sp.end_of_box is None:
+        pytest.skip("this tokenizer has no box markers")
+    text = "<|begin_of_box|>[[1, 2, 3, 4]]<|end_of_box|> 你好<|user|>"
+    ids = tok.encode(text)
+    assert sp.user in ids
+    for chunk in (1, 2):
+        kept = _stream(tok, ids, chunk, keep_special_token_ids=(sp.begin_of_box, sp.end_of_box))
+        assert "".join(kept[1]) == "<|begin_of_box|>[[1, 2, 3, 4]]<|end_of_box|> 你好"
+        plain = _stream(tok, ids, chunk)
+        assert "".join(plain[1]) == tok.decode(ids, skip_special_tokens=True)
+        assert "<|user|>" not in "".join(plain[1])

@@ -61,6 +61,25 @@ def test_stop_token_ids_and_max_tokens(engine: Any, loaded: Any) -> None:
     assert_all_blocks_free(engine)
 
 
+def test_a_stop_token_ends_the_text_without_being_in_it(engine: Any, loaded: Any) -> None:
+    # vLLM's rule: the stop token is in token_ids but not in the text, unless
+    # include_stop_str_in_output asks for it.
+    processor, _ = loaded
+    tok = processor.tokenizer
+    prompt = chat(processor, "Say something.")
+    free = only(engine, prompt, SamplingParams.greedy(max_tokens=10, ignore_eos=True,
+                                                      skip_special_tokens=False))
+    stop_id = free.token_ids[4]
+    upto = free.token_ids[: free.token_ids.index(stop_id) + 1]
+    for include in (False, True):
+        out = only(engine, prompt, SamplingParams.greedy(
+            max_tokens=10, ignore_eos=True, stop_token_ids=[stop_id], skip_special_tokens=False,
+            include_stop_str_in_output=include))
+        assert out.token_ids == upto
+        text_ids = upto if include else upto[:-1]
+        assert out.text == tok.decode(text_ids, skip_special_tokens=False)
+
+
 def test_model_eos_stops_unless_ignored(engine: Any, loaded: Any) -> None:
     processor, _ = loaded
     eos = processor.config.eos_token_ids[0]
