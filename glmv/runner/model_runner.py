@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from glmv.engine.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
+from glmv.kernels import get_ops
 from glmv.layers.linear import pack_linear_weights
 from glmv.models.glm4v import Glm4vForConditionalGeneration
 from glmv.multimodal.processor import ProcessedPrompt
@@ -33,6 +34,8 @@ class ModelRunner:
         self.model = model
         # CPU bf16: oneDNN-packed weights (much faster decode-sized products).
         self.num_packed_layers = pack_linear_weights(model)
+        if torch.device(device).type == "cpu" and _dtype(model) is torch.bfloat16:
+            get_ops()  # compile the fused kernels now (once per machine), not in a request
         self.cache_spec = cache
         self.device = torch.device(device)
         self.kv_caches = allocate_kv_cache(cache, self.device)
@@ -152,3 +155,7 @@ class ModelRunner:
             stop_token_ids=stop_ids,
             forced_token=request.forced_token(),
         )
+
+
+def _dtype(model: torch.nn.Module) -> torch.dtype | None:
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
