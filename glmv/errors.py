@@ -89,3 +89,16 @@ class EngineError(GlmvError):
     """The engine failed while running a request (a model step raised); other requests go on."""
 
     http_status = 500
+
+
+class QueueFullError(GlmvError):
+    """The server already holds as many requests as it may queue; the client should retry."""
+
+    http_status = 503
+
+
+class MediaTooLargeError(MediaError):
+    """An image, video or document is over a size limit (bytes, pixels, frames, seconds, pages,
+    visual tokens); the message names the limit and the flag that changes it."""
+
+    http_status = 413

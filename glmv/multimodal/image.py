@@ -14,8 +14,9 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -23,18 +24,25 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
-from glmv.errors import ImageError
+from glmv.errors import ImageError, MediaTooLargeError
 from glmv.multimodal.processor_config import ImageProcessorConfig, PatchConfig
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | PIL.Image.Image
 
 
-def load_image(source: ImageSource) -> PIL.Image.Image:
+def load_image(
+    source: ImageSource, *, max_pixels: int | None = None, formats: tuple[str, ...] | None = None
+) -> PIL.Image.Image:
     """Decode an image (bytes, file path or PIL image), upright per its EXIF orientation.
 
     Like transformers' `load_image` it applies `ImageOps.exif_transpose`, but it keeps the mode
     (no `convert("RGB")`) so `to_rgb_array` can composite transparency the way the processor does
     for PIL inputs. The pixels are fully decoded here, so truncation surfaces as an ImageError.
+    Multi-frame files (animated GIF/WEBP/PNG, multi-page TIFF) give their first frame.
+
+    `max_pixels`: refuse (MediaTooLargeError) an image whose header declares more pixels, before
+    any pixel is decoded; Pillow's own decompression-bomb error is refused the same way.
+    `formats`: the Pillow plugins allowed to read the data (the sniffed format), None = any.
     """
     try:
         if isinstance(source, PIL.Image.Image):
@@ -42,24 +50,28 @@ def load_image(source: ImageSource) -> PIL.Image.Image:
         elif isinstance(source, (bytes, bytearray, memoryview)):
             if len(source) == 0:
                 raise ImageError("image data is empty")
-            image = PIL.Image.open(io.BytesIO(bytes(source)))
+            image = PIL.Image.open(io.BytesIO(bytes(source)), formats=formats)
         elif isinstance(source, (str, os.PathLike)):
             path = Path(source)
             if not path.is_file():
                 raise ImageError(f"image file not found: {path}")
-            image = PIL.Image.open(path)
+            image = PIL.Image.open(path, formats=formats)
         else:
             raise ImageError(f"unsupported image source type {type(source).__name__}")
+        if max_pixels is not None:
+            check_image_pixels(image.size, max_pixels)  # header only: nothing decoded yet
         upright = PIL.ImageOps.exif_transpose(image)
         upright.load()
-    except ImageError:
+    except (ImageError, MediaTooLargeError):
         raise
     except PIL.UnidentifiedImageError as e:
         raise ImageError(
             "cannot decode image: the data is not an image in a format Pillow supports"
         ) from e
     except PIL.Image.DecompressionBombError as e:
-        raise ImageError(f"image is too large to decode safely: {e}") from e
+        raise MediaTooLargeError(
+            f"image is too large to decode safely: {e} (--max-image-pixels)"
+        ) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # Pillow raises OSError("image file is truncated ...") and friends for damaged files.
         raise ImageError(f"cannot decode image: the data is truncated or corrupt ({e})") from e
@@ -67,6 +79,16 @@ def load_image(source: ImageSource) -> PIL.Image.Image:
         # Malformed files can trip other exceptions deep inside Pillow's plugins.
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from e
     return upright
+
+
+def check_image_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    """MediaTooLargeError if an image of `size` (width, height) has more than `max_pixels`."""
+    width, height = size
+    if width * height > max_pixels:
+        raise MediaTooLargeError(
+            f"image is {width}x{height} = {width * height:,} pixels, more than the limit of "
+            f"{max_pixels:,} (--max-image-pixels)"
+        )
 
 
 def to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
@@ -229,10 +251,71 @@ class ProcessedImage:
         return t * h * w // self.merge_size**2
 
 
+#: Largest resized image of `"detail": "low"`, in pixels (height*width): at most 256 visual tokens
+#: (448/28 = 16 tokens a side), like a thumbnail.
+LOW_DETAIL_PIXELS = 448 * 448
+IMAGE_DETAILS = ("low", "high", "auto")
+
+
+def image_pixel_bounds(
+    config: ImageProcessorConfig,
+    detail: str | None = None,
+    min_pixels: Any = None,
+    max_pixels: Any = None,
+) -> tuple[int, int] | None:
+    """Per-image resize bounds (min, max pixels of the resized image) from a content part.
+
+    None (the processor config's own bounds, unchanged) unless the part asks otherwise:
+    `detail` "low" caps the image at LOW_DETAIL_PIXELS, "high" / "auto" keep the config;
+    `min_pixels` / `max_pixels` (positive integers, min <= max, max at most the config's largest
+    image) override either bound. ImageError for anything else. The config's `size` counts an
+    image twice (it is one temporal patch of 2 frames); these numbers count it once.
+    """
+    if detail is not None and detail not in IMAGE_DETAILS:
+        raise ImageError(f"image detail must be one of {', '.join(IMAGE_DETAILS)}, got {detail!r}")
+    if detail != "low" and min_pixels is None and max_pixels is None:
+        return None
+    tps = config.temporal_patch_size
+    largest = config.max_pixels // tps
+    low, high = -(-config.min_pixels // tps), largest
+    if detail == "low":
+        high = min(LOW_DETAIL_PIXELS, largest)
+        low = min(low, high)
+    for name, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ImageError(f"image {name} must be a positive integer, got {value!r}")
+        if value > largest:
+            raise ImageError(
+                f"image {name} {value:,} is above this model's largest image, {largest:,} pixels "
+                f"(size.longest_edge {config.max_pixels:,} of the processor config, which counts "
+                f"an image {tps} times)"
+            )
+    low = low if min_pixels is None else min_pixels
+    high = high if max_pixels is None else max_pixels
+    if low > high:
+        raise ImageError(f"image min_pixels ({low:,}) is larger than max_pixels ({high:,})")
+    return low, high
+
+
+def _bounded(config: ImageProcessorConfig, bounds: tuple[int, int] | None) -> ImageProcessorConfig:
+    if bounds is None:
+        return config
+    tps = config.temporal_patch_size
+    return replace(config, min_pixels=bounds[0] * tps, max_pixels=bounds[1] * tps)
+
+
 def process_image(
-    image: PIL.Image.Image | np.ndarray, config: ImageProcessorConfig
+    image: PIL.Image.Image | np.ndarray,
+    config: ImageProcessorConfig,
+    pixel_bounds: tuple[int, int] | None = None,
 ) -> ProcessedImage:
-    """Resize, normalise and patchify one image like `Glm4vImageProcessor` (torchvision)."""
+    """Resize, normalise and patchify one image like `Glm4vImageProcessor` (torchvision).
+
+    `pixel_bounds` (from `image_pixel_bounds`) replace the config's resize bounds for this image.
+    """
+    config = _bounded(config, pixel_bounds)
     frame = _to_chw_tensor(image, config.do_convert_rgb)  # [3, H, W] uint8
     height, width = int(frame.shape[-2]), int(frame.shape[-1])
     resized_h, resized_w = target_size(config, config.temporal_patch_size, height, width)
@@ -259,8 +342,14 @@ def process_images(
     return [process_image(image, config) for image in images]
 
 
-def image_num_tokens(height: int, width: int, config: ImageProcessorConfig) -> int:
+def image_num_tokens(
+    height: int,
+    width: int,
+    config: ImageProcessorConfig,
+    pixel_bounds: tuple[int, int] | None = None,
+) -> int:
     """Placeholder tokens for an image of this size, without touching pixels."""
+    config = _bounded(config, pixel_bounds)
     resized_h, resized_w = target_size(config, config.temporal_patch_size, height, width)
     grid_h, grid_w = resized_h // config.patch_size, resized_w // config.patch_size
     return grid_h * grid_w // config.merge_size**2

@@ -1,7 +1,8 @@
 """Prompt assembly: messages or text + media -> token ids, preprocessed media, 3-D positions.
 
-    messages --normalize--> chat template --tokenize--> ids with one <|image|> / <|video|> each
-    media    --fetch/decode--> preprocess (image.py / video.py)
+    messages --normalize--> count items (limit_per_prompt) --documents -> page images-->
+             chat template --tokenize--> ids with one <|image|> / <|video|> each
+    media    --fetch (media.py, fetch.py) / sniff / decode--> preprocess (image.py / video.py)
     expand:  <|image|>  -> <|image|> x n
              <|video|>  -> for each frame pair: <|begin_of_image|> <|image|> x n <|end_of_image|> ts
     positions [3, L] + decode delta (rope_index.py)
@@ -14,7 +15,8 @@ timestamp, which is tokenized together with any text that follows it directly.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,10 +27,31 @@ import torch
 
 from glmv.chat_template import normalize_messages
 from glmv.config import ModelConfig
-from glmv.errors import ImageError, MediaError, PromptError, TokenizerError, VideoError
+from glmv.errors import ImageError, MediaError, PromptError, TokenizerError
+from glmv.multimodal.document import (
+    DOCUMENT_PART_TYPES,
+    DocumentLimits,
+    document_pages,
+    document_source,
+)
 from glmv.multimodal.hashing import hash_pixels
-from glmv.multimodal.image import ProcessedImage, load_image, process_image
-from glmv.multimodal.media import MediaPolicy, describe_source, fetch_bytes, local_file
+from glmv.multimodal.image import (
+    ProcessedImage,
+    image_num_tokens,
+    image_pixel_bounds,
+    load_image,
+    process_image,
+)
+from glmv.multimodal.media import (
+    MediaPolicy,
+    decode_base64,
+    describe_source,
+    expect_file_format,
+    expect_format,
+    fetch_bytes,
+    local_file,
+    source_scheme,
+)
 from glmv.multimodal.processor_config import (
     ImageProcessorConfig,
     VideoProcessorConfig,
@@ -38,6 +61,7 @@ from glmv.multimodal.rope_index import mrope_positions
 from glmv.multimodal.video import (
     DecodedVideo,
     ProcessedVideo,
+    VideoChecks,
     decode_video,
     process_video,
     timestamp_text,
@@ -111,31 +135,68 @@ class MultiModalProcessor:
     # ------------------------------------------------------------------ media
 
     def load_image(self, source: ImageInput) -> PIL.Image.Image | np.ndarray:
+        """Decode an image under the media policy: format sniffed from the bytes, pixel count
+        checked from the header before decoding (PIL images and arrays pass through)."""
         if isinstance(source, (PIL.Image.Image, np.ndarray)):
             return source
-        if isinstance(source, bytes):
-            return load_image(source)
-        data = fetch_bytes(str(source), self.media_policy)
-        try:
-            return load_image(data)
-        except ImageError as exc:
-            raise ImageError(f"{describe_source(source)}: {exc}") from exc
+        data = source if isinstance(source, bytes) else fetch_bytes(str(source),
+                                                                    self.media_policy)
+        with _named(source):
+            fmt = expect_format(data, "image")
+            return load_image(data, max_pixels=self.media_policy.max_image_pixels,
+                              formats=(fmt.pil_format,) if fmt.pil_format else None)
 
     def load_video(self, source: VideoInput, fps: float | None = None) -> DecodedVideo:
+        """Decode the sampled frames of a video under the media policy (format sniffed, length
+        and frame count checked from the container before decoding)."""
         if isinstance(source, DecodedVideo):
             return source
-        if isinstance(source, bytes):
-            return decode_video(source, self.video_config, fps=fps)
+        policy = self.media_policy
         # Local files are decoded in place: only the sampled frames are ever in memory.
-        path = local_file(str(source), self.media_policy)
-        data = path if path is not None else fetch_bytes(str(source), self.media_policy)
-        try:
-            return decode_video(data, self.video_config, fps=fps)
-        except VideoError as exc:
-            raise VideoError(f"{describe_source(source)}: {exc}") from exc
+        path = None if isinstance(source, bytes) else local_file(str(source), policy)
+        data: bytes | Path
+        if path is not None:
+            data = path
+        else:
+            data = source if isinstance(source, bytes) else fetch_bytes(str(source), policy)
+        with _named(source):
+            fmt = (expect_file_format(data, "video") if isinstance(data, Path)
+                   else expect_format(data, "video"))
+            checks = VideoChecks(max_frames=policy.max_video_frames,
+                                 max_seconds=policy.max_video_seconds,
+                                 container_format=fmt.av_format)
+            num_frames = policy.video_num_frames if fps is None else None
+            return decode_video(data, self.video_config,
+                                fps=policy.video_fps if fps is None else fps,
+                                num_frames=num_frames, checks=checks)
 
-    def preprocess_image(self, source: ImageInput) -> ProcessedImage:
-        return process_image(self.load_image(source), self.image_config)
+    def load_document(self, part: Mapping[str, Any]) -> list[PIL.Image.Image]:
+        """The page images of a file content part (PDF, PPT, PPTX), in page order."""
+        source = document_source(part)
+        policy = self.media_policy
+        if source.url is not None:
+            data = fetch_bytes(source.url, policy)
+        else:
+            assert source.base64_data is not None
+            encoded = source.base64_data
+            data = fetch_bytes(encoded, policy) if source_scheme(encoded) == "data" \
+                else decode_base64(encoded, policy.max_bytes, "file_data")
+        with _named(source.url or source.filename or "file_data"):
+            fmt = expect_format(data, "document")
+            config = self.image_config
+            limits = DocumentLimits(
+                max_pages=policy.max_document_pages,
+                max_visual_tokens=policy.document_max_visual_tokens,
+                max_page_pixels=min(policy.max_image_pixels,
+                                    config.max_pixels // config.temporal_patch_size),
+                office_timeout_s=policy.office_timeout_s)
+            return document_pages(data, fmt, limits,
+                                  lambda height, width: image_num_tokens(height, width, config))
+
+    def preprocess_image(self, source: ImageInput,
+                         pixel_bounds: tuple[int, int] | None = None) -> ProcessedImage:
+        """`pixel_bounds`: this image's (min, max) resized pixels (see `image_pixel_bounds`)."""
+        return process_image(self.load_image(source), self.image_config, pixel_bounds)
 
     def preprocess_video(self, source: VideoInput, fps: float | None = None) -> ProcessedVideo:
         return process_video(self.load_video(source, fps), self.video_config)
@@ -145,8 +206,15 @@ class MultiModalProcessor:
     def process(self, prompt: str, images: Sequence[ImageInput | ProcessedImage] = (),
                 videos: Sequence[VideoInput | ProcessedVideo] = ()) -> ProcessedPrompt:
         """A rendered prompt with one <|image|> / <|video|> placeholder per item, in order."""
-        proc_images = [i if isinstance(i, ProcessedImage) else self.preprocess_image(i)
-                       for i in images]
+        self.media_policy.check_item_counts({"image": len(images), "video": len(videos)})
+        return self._process(prompt, images, videos)
+
+    def _process(self, prompt: str, images: Sequence[ImageInput | ProcessedImage],
+                 videos: Sequence[VideoInput | ProcessedVideo],
+                 image_bounds: Sequence[tuple[int, int] | None] = ()) -> ProcessedPrompt:
+        bounds = list(image_bounds) or [None] * len(images)
+        proc_images = [i if isinstance(i, ProcessedImage) else self.preprocess_image(i, b)
+                       for i, b in zip(images, bounds, strict=True)]
         proc_videos = [v if isinstance(v, ProcessedVideo) else self.preprocess_video(v)
                        for v in videos]
         ids = self.tokenizer.encode(prompt)
@@ -163,21 +231,57 @@ class MultiModalProcessor:
     def process_chat(self, messages: Sequence[Mapping[str, Any]], *,
                      tools: Sequence[Mapping[str, Any]] | None = None,
                      add_generation_prompt: bool = True, chat_template: str | None = None,
-                     chat_template_kwargs: Mapping[str, Any] | None = None) -> ProcessedPrompt:
-        """OpenAI-style messages (text, image_url / video_url / image / video parts).
+                     chat_template_kwargs: Mapping[str, Any] | None = None,
+                     assistant_prefill: str = "") -> ProcessedPrompt:
+        """OpenAI-style messages (text, image_url / video_url / image / video / file parts).
 
+        Before anything is fetched, the items per modality are counted against the policy's
+        `limit_per_prompt` and every part's source and image options are checked. Then each
+        document (file part) is replaced by its page images, in place, and the template renders.
         `chat_template_kwargs` become template variables, e.g. {"enable_thinking": False}.
+        `assistant_prefill` is text the assistant turn starts with, appended after the rendered
+        generation prompt (the server forces a tool call this way); it may not carry media.
         """
         normalized = normalize_messages(messages)
         if self.tokenizer.special.answer is not None:
             normalized = [strip_glm41v_history(m) for m in normalized]
-        images, videos = collect_media(normalized)
+        self.media_policy.check_item_counts(count_media(normalized))
+        self._media_items(normalized)  # bad sources and options fail before any fetch
+        normalized = self._expand_documents(normalized)
+        images, image_bounds, videos = self._media_items(normalized)
         # The sandbox sees plain data only: media objects become inert placeholders there.
         prompt = self.tokenizer.render_chat(normalized, tools=tools,
                                             add_generation_prompt=add_generation_prompt,
                                             chat_template_source=chat_template,
                                             **dict(chat_template_kwargs or {}))
-        return self.process(prompt, images, videos)
+        return self._process(prompt + assistant_prefill, images, videos, image_bounds)
+
+    def _media_items(self, messages: Sequence[Mapping[str, Any]],
+                     ) -> tuple[list[Any], list[tuple[int, int] | None], list[Any]]:
+        """(image sources, their pixel bounds, video sources) in template order."""
+        image_parts, video_parts = collect_media_parts(messages)
+        for part in (p for m in messages for p in _parts(m) if _part_kind(p) == "document"):
+            document_source(part)
+        images = [_media_source(p, "image") for p in image_parts]
+        bounds = [image_pixel_bounds(self.image_config, *image_options(p)) for p in image_parts]
+        return images, bounds, [_media_source(p, "video") for p in video_parts]
+
+    def _expand_documents(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Messages with each file part replaced by image parts, one per page, in order."""
+        out = []
+        for message in messages:
+            content = message.get("content")
+            if isinstance(content, list) and any(_part_kind(p) == "document" for p in content):
+                parts: list[Any] = []
+                for part in content:
+                    if _part_kind(part) == "document":
+                        parts.extend({"type": "image", "image": page}
+                                     for page in self.load_document(part))
+                    else:
+                        parts.append(part)
+                message = {**message, "content": parts}
+            out.append(message)
+        return out
 
     def _expand(self, prompt: str | None, ids: list[int], images: list[ProcessedImage],
                 videos: list[ProcessedVideo]) -> ProcessedPrompt:
@@ -254,6 +358,18 @@ class MultiModalProcessor:
 
 _MEDIA_KEYS = {"image": ("image", "image_url", "image_pil", "url", "path"),
                "video": ("video", "video_url", "url", "path")}
+_IMAGE_OPTIONS = ("detail", "min_pixels", "max_pixels")
+
+
+@contextmanager
+def _named(source: Any) -> Iterator[None]:
+    """Decoding errors name the source first (data URLs shortened; raw bytes have no name)."""
+    try:
+        yield
+    except MediaError as exc:
+        if isinstance(source, (bytes, bytearray)):
+            raise
+        raise type(exc)(f"{describe_source(source)}: {exc}") from exc
 
 
 def _media_source(part: Mapping[str, Any], modality: str) -> Any:
@@ -265,6 +381,21 @@ def _media_source(part: Mapping[str, Any], modality: str) -> Any:
             return value
     raise MediaError(f"{modality} content part has no source (expected one of "
                      f"{', '.join(_MEDIA_KEYS[modality])})")
+
+
+def image_options(part: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+    """(detail, min_pixels, max_pixels) of an image part: inside its `image_url` object or at the
+    part's top level (ImageError if both places give different values)."""
+    inner = part.get("image_url")
+    inner = inner if isinstance(inner, Mapping) else {}
+    values = []
+    for key in _IMAGE_OPTIONS:
+        nested, top = inner.get(key), part.get(key)
+        if nested is not None and top is not None and nested != top:
+            raise ImageError(f"image part gives {key} twice with different values "
+                             f"({nested!r} in image_url, {top!r} in the part)")
+        values.append(nested if nested is not None else top)
+    return values[0], values[1], values[2]
 
 
 def _media_kind(part: Any) -> str | None:
@@ -279,19 +410,47 @@ def _media_kind(part: Any) -> str | None:
     return None
 
 
-def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
-    """Image and video sources in the order the templates render their placeholders."""
-    images: list[Any] = []
-    videos: list[Any] = []
+def _part_kind(part: Any) -> str | None:
+    """"image" / "video" / "document" for a media content part, else None."""
+    if isinstance(part, Mapping) and part.get("type") in DOCUMENT_PART_TYPES:
+        return "document"
+    return _media_kind(part)
+
+
+def _parts(message: Mapping[str, Any]) -> list[Any]:
+    content = message.get("content")
+    return content if isinstance(content, list) else []
+
+
+def count_media(messages: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    """Items per modality ("image", "video", "document") in normalized messages."""
+    counts = {"image": 0, "video": 0, "document": 0}
     for message in messages:
-        content = message.get("content")
-        if not isinstance(content, list):
-            continue
-        for part in content:
+        for part in _parts(message):
+            kind = _part_kind(part)
+            if kind is not None:
+                counts[kind] += 1
+    return counts
+
+
+def collect_media_parts(messages: Sequence[Mapping[str, Any]],
+                        ) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """Image and video content parts in the order the templates render their placeholders."""
+    images: list[Mapping[str, Any]] = []
+    videos: list[Mapping[str, Any]] = []
+    for message in messages:
+        for part in _parts(message):
             kind = _media_kind(part)
             if kind is not None:
-                (videos if kind == "video" else images).append(_media_source(part, kind))
+                (videos if kind == "video" else images).append(part)
     return images, videos
+
+
+def collect_media(messages: Sequence[Mapping[str, Any]]) -> tuple[list[Any], list[Any]]:
+    """Image and video sources in the order the templates render their placeholders."""
+    image_parts, video_parts = collect_media_parts(messages)
+    return ([_media_source(p, "image") for p in image_parts],
+            [_media_source(p, "video") for p in video_parts])
 
 
 _THINK_SPAN = re.compile(r"<think>.*?</think>", re.DOTALL)

@@ -24,7 +24,7 @@ import av.container
 import numpy as np
 import torch
 
-from glmv.errors import ImageError, VideoError
+from glmv.errors import ImageError, MediaTooLargeError, VideoError
 from glmv.multimodal.image import normalize_frames, patchify, resize_frames, target_size
 from glmv.multimodal.processor_config import VideoProcessorConfig
 
@@ -107,15 +107,21 @@ _GLM46V_MAX_FRAMES = 640
 _GLM46V_MAX_DURATION = 2400
 
 
-def sample_frames_glm46v(metadata: VideoMetadata, temporal_patch_size: int = 2) -> list[int]:
-    """`Glm46VVideoProcessor.sample_frames`: 3/1/0.5 fps by duration, at most 640 frames."""
+def sample_frames_glm46v(
+    metadata: VideoMetadata, temporal_patch_size: int = 2, fps: float | None = None
+) -> list[int]:
+    """`Glm46VVideoProcessor.sample_frames`: 3/1/0.5 fps by duration, at most 640 frames.
+
+    The table's rates count frame pairs (temporal patches) per second. `fps` (an extension; the
+    official processor ignores its fps argument) replaces the table with `fps` frames a second.
+    """
     total_frames = metadata.total_num_frames
     duration = metadata.duration or round((total_frames - 1) / metadata.fps) + 1
     effective_duration = min(duration, _GLM46V_MAX_DURATION)
     target_fps = next(
         (rate for limit, rate in _GLM46V_FPS_BY_DURATION if effective_duration <= limit),
         _GLM46V_FPS_BY_DURATION[-1][1],
-    )
+    ) if fps is None else fps / temporal_patch_size
     extract_t = min(int(effective_duration * target_fps * temporal_patch_size), _GLM46V_MAX_FRAMES)
 
     indices: list[int] = []
@@ -145,18 +151,33 @@ _SAMPLERS: dict[str, Callable[[VideoMetadata, VideoProcessorConfig, float | None
     "glm4v": lambda m, c, fps: sample_frames_glm4v(
         m, c.fps if fps is None else fps, c.max_duration
     ),
-    "glm46v": lambda m, c, fps: sample_frames_glm46v(m, c.temporal_patch_size),
+    "glm46v": lambda m, c, fps: sample_frames_glm46v(m, c.temporal_patch_size, fps),
 }
 
 
 def sample_frames(
-    metadata: VideoMetadata, config: VideoProcessorConfig, fps: float | None = None
+    metadata: VideoMetadata,
+    config: VideoProcessorConfig,
+    fps: float | None = None,
+    num_frames: int | None = None,
 ) -> list[int]:
-    """Frame indices the configured sampler picks (`fps` overrides the glm4v sampler's rate)."""
+    """Frame indices the configured sampler picks.
+
+    `fps` overrides the sampler's rate (frames per second of video); `num_frames` replaces the
+    sampler: that many frames evenly spread from the first to the last (like vLLM's video
+    loader; fewer if the video has fewer). Both None: exactly the model's own sampler.
+    """
     if fps is not None and not (math.isfinite(fps) and fps > 0):
         raise VideoError(f"sampling fps must be > 0, got {fps}")
+    if num_frames is not None and (isinstance(num_frames, bool) or num_frames < 1):
+        raise VideoError(f"sampling num_frames must be >= 1, got {num_frames}")
+    if fps is not None and num_frames is not None:
+        raise VideoError("sample frames by fps or by num_frames, not both")
     if metadata.total_num_frames <= 0 or metadata.fps <= 0:
         raise VideoError(f"cannot sample frames: the video has no frames or no rate ({metadata})")
+    if num_frames is not None:
+        last = metadata.total_num_frames - 1
+        return _dedupe_and_pad(_linspace_int(0, last, min(num_frames, last + 1)))
     indices = _SAMPLERS[config.sampler](metadata, config, fps)
     # The glm46v sampler picks nothing for clips shorter than one step (< 1/6 s), where
     # transformers then fails in smart_resize; we use the first frame instead.
@@ -179,28 +200,76 @@ def _dedupe_and_pad(indices: Sequence[int]) -> list[int]:
 # ---------------------------------------------------------------------------------- decoding
 
 
-def probe_video(source: VideoSource) -> VideoMetadata:
-    """Read a video's metadata without decoding frames (VideoError if it is not a video)."""
-    with _open(source) as container:
+@dataclass(frozen=True)
+class VideoChecks:
+    """What a caller requires of a video's container before any frame is decoded."""
+
+    max_frames: int | None = None  # source frames, per the metadata (MediaTooLargeError)
+    max_seconds: float | None = None  # duration, per the metadata (MediaTooLargeError)
+    max_fps: float = 1000.0  # a higher (or non-positive) frame rate is refused (VideoError)
+    container_format: str | None = None  # the only FFmpeg demuxer allowed (the sniffed one)
+
+    def check_rate(self, fps: float) -> None:
+        if not (math.isfinite(fps) and 0 < fps <= self.max_fps):
+            raise VideoError(f"the video reports {fps:g} frames per second; a usable frame rate "
+                             f"is above 0 and at most {self.max_fps:g}")
+
+    def check_frames(self, num_frames: int) -> None:
+        if self.max_frames is not None and num_frames > self.max_frames:
+            raise MediaTooLargeError(f"the video has {num_frames:,} frames, more than the limit "
+                                     f"of {self.max_frames:,} (--max-video-frames)")
+
+    def check_seconds(self, seconds: float) -> None:
+        if self.max_seconds is not None and seconds > self.max_seconds:
+            raise MediaTooLargeError(f"the video lasts {seconds:,.1f} s, longer than the limit "
+                                     f"of {self.max_seconds:g} s (--max-video-seconds)")
+
+
+def probe_video(source: VideoSource, checks: VideoChecks | None = None) -> VideoMetadata:
+    """Read a video's metadata without decoding frames (VideoError if it is not a video).
+
+    With `checks`, the frame rate, frame count and duration are checked as soon as the header
+    gives them (before frames are counted by demuxing, for containers without a count).
+    """
+    container_format = checks.container_format if checks else None
+    with _open(source, container_format) as container:
         stream = _video_stream(container)
         rate = stream.average_rate or stream.guessed_rate
         if not rate:
             raise VideoError("the video stream does not report a frame rate")
         total = stream.frames
         width, height = stream.width, stream.height
+        if checks is not None:
+            checks.check_rate(float(rate))
+            checks.check_frames(int(total))
+            checks.check_seconds(_header_seconds(container, stream))
     if total <= 0:
         # Matroska/WebM (and others) store no frame count; transformers would then sample
         # index -1 and fail, so count the packets (no decoding) to sample correctly.
-        total = _count_packets(source)
+        limit = checks.max_frames if checks is not None else None
+        total = _count_packets(source, container_format, limit)
     if total <= 0:
         raise VideoError("the video has no frames")
-    return VideoMetadata(
+    metadata = VideoMetadata(
         total_num_frames=int(total),
         fps=float(rate),
         duration=float(Fraction(total) / Fraction(rate)),  # read_video_pyav's frames / fps
         width=int(width),
         height=int(height),
     )
+    if checks is not None:
+        checks.check_frames(metadata.total_num_frames)
+        checks.check_seconds(metadata.duration)
+    return metadata
+
+
+def _header_seconds(container: av.container.InputContainer, stream: av.VideoStream) -> float:
+    """The duration the headers state (0 when they state none)."""
+    if stream.duration is not None and stream.time_base is not None:
+        return float(stream.duration * stream.time_base)
+    if container.duration is not None:
+        return container.duration / av.time_base
+    return 0.0
 
 
 def decode_video(
@@ -208,20 +277,25 @@ def decode_video(
     config: VideoProcessorConfig,
     fps: float | None = None,
     max_frames: int | None = None,
+    *,
+    num_frames: int | None = None,
+    checks: VideoChecks | None = None,
 ) -> DecodedVideo:
     """Sample frame indices from the metadata, then decode just those frames (RGB).
 
-    `fps` overrides the glm4v sampler's rate; `max_frames` refuses (VideoError) a sampling that
-    would hold more frames than that in memory. If the stream turns out shorter than its header
+    `fps` / `num_frames` override the sampler (see `sample_frames`); `max_frames` refuses
+    (VideoError) a sampling that would hold more frames than that in memory; `checks` are
+    applied to the container before decoding. If the stream turns out shorter than its header
     said, the sampler is run again on the real count.
     """
-    metadata = probe_video(source)
-    indices = sample_frames(metadata, config, fps)
+    metadata = probe_video(source) if checks is None else probe_video(source, checks)
+    container_format = checks.container_format if checks else None
+    indices = sample_frames(metadata, config, fps, num_frames)
     if max_frames is not None and len(indices) > max_frames:
         raise VideoError(
             f"sampling this video takes {len(indices)} frames, more than the limit of {max_frames}"
         )
-    frames, num_decoded = _decode_indices(source, indices)
+    frames, num_decoded = _decode_indices(source, indices, container_format)
     if len(frames) < len(set(indices)):
         # The stream ended early (headers can overstate the count): sample on the real count.
         if num_decoded == 0:
@@ -231,8 +305,8 @@ def decode_video(
             total_num_frames=num_decoded,
             duration=float(Fraction(num_decoded) / Fraction(metadata.fps)),
         )
-        indices = sample_frames(metadata, config, fps)
-        frames, _ = _decode_indices(source, indices)
+        indices = sample_frames(metadata, config, fps, num_frames)
+        frames, _ = _decode_indices(source, indices, container_format)
         if len(frames) < len(set(indices)):
             raise VideoError("the video decodes to a different number of frames on each pass")
     shapes = {frame.shape for frame in frames.values()}
@@ -243,8 +317,10 @@ def decode_video(
 
 
 @contextmanager
-def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
-    """Open a container for reading, turning every failure into a VideoError."""
+def _open(
+    source: VideoSource, container_format: str | None = None
+) -> Iterator[av.container.InputContainer]:
+    """Open a container for reading (with that demuxer only, if named); failures -> VideoError."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise VideoError("video data is empty")
@@ -256,7 +332,7 @@ def _open(source: VideoSource) -> Iterator[av.container.InputContainer]:
     else:
         raise VideoError(f"unsupported video source type {type(source).__name__}")
     try:
-        container = av.open(target, mode="r")
+        container = av.open(target, mode="r", format=container_format)
     except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
         raise VideoError(f"cannot open video: the data is not a readable video file ({e})") from e
     try:
@@ -271,18 +347,25 @@ def _video_stream(container: av.container.InputContainer) -> av.VideoStream:
     return container.streams.video[0]
 
 
-def _count_packets(source: VideoSource) -> int:
-    """Frames in the first video stream, counted from its non-empty packets."""
-    with _open(source) as container:
+def _count_packets(
+    source: VideoSource, container_format: str | None = None, limit: int | None = None
+) -> int:
+    """Frames in the first video stream, counted from its non-empty packets (stops past limit)."""
+    count = 0
+    with _open(source, container_format) as container:
         stream = _video_stream(container)
         try:
-            return sum(1 for packet in container.demux(stream) if packet.size > 0)
+            for packet in container.demux(stream):
+                count += packet.size > 0
+                if limit is not None and count > limit:
+                    break
+            return count
         except av.FFmpegError as e:
             raise VideoError(f"cannot read the video stream: the data is corrupt ({e})") from e
 
 
 def _decode_indices(
-    source: VideoSource, indices: Sequence[int]
+    source: VideoSource, indices: Sequence[int], container_format: str | None = None
 ) -> tuple[dict[int, np.ndarray], int]:
     """Decode frames in order up to the last wanted index, keeping only the wanted ones.
 
@@ -292,7 +375,7 @@ def _decode_indices(
     last = max(indices)
     kept: dict[int, np.ndarray] = {}
     num_decoded = 0
-    with _open(source) as container:
+    with _open(source, container_format) as container:
         stream = _video_stream(container)
         stream.thread_type = "AUTO"  # threads change speed only, not the decoded pictures
         # read_video_pyav seeks to 0 first; if that fails the fresh container is at the start.

@@ -1,22 +1,29 @@
-"""Fetching media under a MediaPolicy: local folders and symlinks, file:// URLs, data URLs, byte
-limits, and http(s) against a real server on 127.0.0.1 (status codes, sizes, domains, redirects)."""
+"""MediaPolicy (fields, defaults, validation, items per request) and reading media under it:
+local folders and symlinks, file:// URLs, data URLs, byte limits. http(s): test_fetch.py."""
 
 from __future__ import annotations
 
 import base64
-import http.server
+import dataclasses
 import os
-import re
-import threading
-import time
-from collections.abc import Iterator
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from glmv.errors import MediaError
-from glmv.multimodal.media import MediaPolicy, fetch_bytes, local_file
+from glmv.errors import ConfigError, MediaError, MediaTooLargeError, PromptError
+from glmv.multimodal.media import (
+    DEFAULT_LIMIT_PER_PROMPT,
+    FLAGS,
+    MediaPolicy,
+    describe_source,
+    fetch_bytes,
+    local_file,
+    read_local,
+)
 
 PAYLOAD = bytes(range(256)) * 4  # 1 KiB with every byte value
 
@@ -127,8 +134,30 @@ def test_missing_file(folders: tuple[Path, Path]) -> None:
     with pytest.raises(MediaError, match="does not exist") as info:
         fetch_bytes(missing, policy)
     assert missing in str(info.value)
-    with pytest.raises(MediaError, match="does not exist"):
+    with pytest.raises(MediaError, match="does not exist as a regular file"):
         fetch_bytes(str(allowed), policy)  # a folder is not a media file
+    os.mkfifo(allowed / "pipe")
+    with pytest.raises(MediaError, match="does not exist as a regular file"):
+        fetch_bytes(str(allowed / "pipe"), policy)  # nor a pipe (it would block the reader)
+
+
+def test_a_file_swapped_for_a_symlink_after_the_check_is_not_read(
+        folders: tuple[Path, Path]) -> None:
+    allowed, outside = folders
+    policy = MediaPolicy(allowed_local_paths=(str(allowed),))
+    checked = local_file(str(allowed / "a.bin"), policy)
+    assert checked is not None
+    checked.unlink()
+    checked.symlink_to(outside / "a.bin")  # the race: replaced between check and read
+    with pytest.raises(MediaError, match="cannot read"):
+        read_local(checked, policy.max_bytes)
+
+
+def test_symlink_loop_is_a_media_error(folders: tuple[Path, Path]) -> None:
+    allowed, _ = folders
+    (allowed / "loop").symlink_to(allowed / "loop")
+    with pytest.raises(MediaError):
+        fetch_bytes(str(allowed / "loop"), MediaPolicy(allowed_local_paths=(str(allowed),)))
 
 
 def test_file_byte_limit(folders: tuple[Path, Path]) -> None:
@@ -136,8 +165,9 @@ def test_file_byte_limit(folders: tuple[Path, Path]) -> None:
     path = str(allowed / "a.bin")  # 1024 + 7 bytes
     assert len(fetch_bytes(path, MediaPolicy(allowed_local_paths=(str(allowed),),
                                              max_bytes=1031))) == 1031
-    with pytest.raises(MediaError, match="1030-byte limit"):
+    with pytest.raises(MediaTooLargeError, match="1030-byte limit") as info:
         fetch_bytes(path, MediaPolicy(allowed_local_paths=(str(allowed),), max_bytes=1030))
+    assert "--max-media-bytes" in str(info.value) and info.value.http_status == 413
 
 
 def test_local_policy_allows_any_path(folders: tuple[Path, Path]) -> None:
@@ -178,11 +208,11 @@ def test_data_url_without_comma() -> None:
 def test_data_url_byte_limit() -> None:
     url = "data:image/png;base64," + base64.b64encode(PAYLOAD).decode()
     assert fetch_bytes(url, MediaPolicy(max_bytes=len(PAYLOAD))) == PAYLOAD
-    with pytest.raises(MediaError, match=f"{len(PAYLOAD) - 1}-byte limit"):
+    with pytest.raises(MediaTooLargeError, match=f"{len(PAYLOAD) - 1}-byte limit"):
         fetch_bytes(url, MediaPolicy(max_bytes=len(PAYLOAD) - 1))
     plain = "data:application/octet-stream," + "x" * 100
     assert fetch_bytes(plain, MediaPolicy(max_bytes=100)) == b"x" * 100
-    with pytest.raises(MediaError, match="99-byte limit"):
+    with pytest.raises(MediaTooLargeError, match="99-byte limit"):
         fetch_bytes(plain, MediaPolicy(max_bytes=99))
 
 
@@ -212,111 +242,100 @@ def test_malformed_urls_are_media_errors(url: str) -> None:
         fetch_bytes(url, MediaPolicy(timeout_s=0.5))
 
 
-# ------------------------------------------------------------------ http(s)
+@pytest.mark.parametrize("source", ["ftp://example.com/a.png", "gopher://127.0.0.1:70/",
+                                    "jar:file:///a.zip!/b.png", "HTTPX://example.com/a"])
+def test_other_url_schemes_are_refused(source: str) -> None:
+    with pytest.raises(MediaError, match="is not supported"):
+        fetch_bytes(source, MediaPolicy.local())
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    big = b"z" * 5000
-    hits: list[str] = []  # noqa: RUF012 - shared request log of the test server
-
-    def do_GET(self) -> None:
-        type(self).hits.append(self.path)
-        if self.path == "/ok":
-            self._send(200, PAYLOAD)
-        elif self.path == "/big":
-            self._send(200, self.big)
-        elif self.path == "/slow":
-            time.sleep(1.0)
-            self._send(200, b"late")
-        elif self.path.startswith("/redirect-to/"):
-            self.send_response(302)
-            self.send_header("Location", self.path.removeprefix("/redirect-to/"))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-        else:
-            self._send(404, b"not here")
-
-    def _send(self, status: int, body: bytes) -> None:
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        except ConnectionError:  # the client gave up (timeout test)
-            pass
-
-    def log_message(self, *args: object) -> None:  # keep test output clean
-        pass
+def test_scheme_is_case_insensitive(folders: tuple[Path, Path]) -> None:
+    allowed, _ = folders
+    policy = MediaPolicy(allowed_local_paths=(str(allowed),))
+    assert fetch_bytes("DATA:,abc", policy) == b"abc"
+    assert fetch_bytes("FILE://" + str(allowed / "a.bin"), policy) == PAYLOAD + b"allowed"
+    with pytest.raises(MediaError, match="loopback"):
+        fetch_bytes("HTTP://127.0.0.1:9/x", policy)  # an http URL, checked as one
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    """Base URL of a tiny HTTP server on 127.0.0.1, running in a thread for this module."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+def test_describe_source_does_not_echo_data() -> None:
+    url = "data:image/png;base64," + "A" * 10_000
+    assert describe_source(url) == "data URL (data:image/png;base64, 10022 characters)"
+    assert describe_source("https://example.com/" + "x" * 500).endswith("...")
+    assert describe_source(b"1234") == "4 bytes of media"
 
 
-def test_http_fetch(server: str) -> None:
-    assert fetch_bytes(f"{server}/ok", MediaPolicy(timeout_s=5)) == PAYLOAD
-    allowed = MediaPolicy(allowed_domains=("127.0.0.1",), timeout_s=5)
-    assert fetch_bytes(f"{server}/ok", allowed) == PAYLOAD
+# ------------------------------------------------------------------ the policy
 
 
-def test_http_error_status(server: str) -> None:
-    with pytest.raises(MediaError, match="HTTP 404") as info:
-        fetch_bytes(f"{server}/missing.png", MediaPolicy(timeout_s=5))
-    assert "/missing.png" in str(info.value)
+def test_policy_fields_and_defaults() -> None:
+    # The server builds the policy from flags by these names.
+    policy = MediaPolicy()
+    defaults = {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if f.init}
+    assert defaults == {
+        "allowed_local_paths": (), "allow_remote": True, "allowed_domains": None,
+        "allow_private_network": False, "timeout_s": 10.0, "max_bytes": 64 * 1024**2,
+        "max_redirects": 5, "max_image_pixels": 50_000_000, "max_video_frames": 108_000,
+        "max_video_seconds": 3600.0, "max_document_pages": 32,
+        "document_max_visual_tokens": 16384,
+        "limit_per_prompt": {"image": 32, "video": 4, "document": 4},
+        "video_num_frames": None, "video_fps": None, "office_timeout_s": 60.0,
+    }
+    assert set(FLAGS) <= set(defaults)
+    assert dict(DEFAULT_LIMIT_PER_PROMPT) == dict(policy.limit_per_prompt)
+    hash(policy)  # frozen and hashable, like every config
+    local = MediaPolicy.local()
+    assert local.allow_private_network and local.allowed_local_paths == (os.path.abspath("/"),)
 
 
-def test_http_byte_limit(server: str) -> None:
-    assert len(fetch_bytes(f"{server}/big", MediaPolicy(max_bytes=5000, timeout_s=5))) == 5000
-    with pytest.raises(MediaError, match="4999-byte limit"):
-        fetch_bytes(f"{server}/big", MediaPolicy(max_bytes=4999, timeout_s=5))
+def test_limits_per_prompt() -> None:
+    policy = MediaPolicy(limit_per_prompt={"video": 1, "document": 0})
+    assert dict(policy.limit_per_prompt) == {"image": 32, "video": 1, "document": 0}
+    policy.check_item_counts({"image": 32, "video": 1})
+    with pytest.raises(PromptError, match="2 videos, more than the 1 allowed") as info:
+        policy.check_item_counts({"video": 2})
+    assert "--limit-mm-per-prompt" in str(info.value)
+    with pytest.raises(PromptError, match="33 images"):
+        policy.check_item_counts({"image": 33})
+    with pytest.raises(PromptError, match="does not accept documents") as info:
+        policy.check_item_counts({"document": 1})
+    assert "--limit-mm-per-prompt" in str(info.value) and info.value.http_status == 400
 
 
-def test_http_domain_not_allowed(server: str) -> None:
-    _Handler.hits.clear()
-    policy = MediaPolicy(allowed_domains=("example.com",), timeout_s=5)
-    with pytest.raises(MediaError, match=re.escape("'127.0.0.1' is not allowed")):
-        fetch_bytes(f"{server}/ok", policy)
-    assert _Handler.hits == []  # refused before any request is sent
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"max_bytes": 0}, "max_bytes must be an integer >= 1.*--max-media-bytes"),
+    ({"max_bytes": 1.5}, "max_bytes"), ({"max_image_pixels": -1}, "--max-image-pixels"),
+    ({"max_video_frames": True}, "max_video_frames"), ({"max_document_pages": 0}, "pages"),
+    ({"document_max_visual_tokens": 0}, "document_max_visual_tokens"),
+    ({"max_redirects": -1}, "max_redirects must be an integer >= 0"),
+    ({"timeout_s": 0}, "timeout_s must be a number > 0"),
+    ({"timeout_s": float("inf")}, "--media-fetch-timeout"),
+    ({"max_video_seconds": float("nan")}, "--max-video-seconds"),
+    ({"office_timeout_s": -1}, "office_timeout_s"),
+    ({"allow_remote": "yes"}, "allow_remote must be true or false"),
+    ({"limit_per_prompt": {"audio": 1}}, "names 'audio'"),
+    ({"limit_per_prompt": {"image": -1}}, "image must be an integer >= 0"),
+    ({"limit_per_prompt": [1]}, "--limit-mm-per-prompt"),
+    ({"video_num_frames": 0}, "video_num_frames must be an integer >= 1"),
+    ({"video_num_frames": 2.5}, "video_num_frames"),
+    ({"video_fps": 0}, "video_fps must be a number > 0 and <= 1000"),
+    ({"video_fps": 5000}, "video_fps"),
+    ({"video_fps": 2, "video_num_frames": 8}, "mutually exclusive"),
+    ({"allowed_domains": ("",)}, "not a domain name"),
+])
+def test_policy_validation(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        MediaPolicy(**kwargs)
 
 
-def test_remote_disabled(server: str) -> None:
-    _Handler.hits.clear()
-    policy = MediaPolicy(allow_remote=False, allowed_local_paths=(os.sep,))
-    for url in (f"{server}/ok", "https://example.com/cat.png"):
-        with pytest.raises(MediaError, match="media URLs are not allowed"):
-            fetch_bytes(url, policy)
-    assert _Handler.hits == []
+def test_video_num_frames_minus_one_means_the_model_sampler() -> None:
+    # vLLM's recipe for GLM-V passes num_frames -1 so the model's own sampler picks frames.
+    assert MediaPolicy(video_num_frames=-1).video_num_frames is None
+    assert MediaPolicy(video_num_frames=-1, video_fps=1.0).video_fps == 1.0
 
 
-def test_redirect_to_a_domain_not_allowed(server: str) -> None:
-    # 127.0.0.1 is allowed; the redirect goes to "localhost" (same server), which is not.
-    port = server.rsplit(":", 1)[1]
-    url = f"{server}/redirect-to/http://localhost:{port}/ok"
-    assert fetch_bytes(url, MediaPolicy(allowed_domains=("127.0.0.1", "localhost"),
-                                        timeout_s=5)) == PAYLOAD
-    _Handler.hits.clear()
-    with pytest.raises(MediaError, match="'localhost' is not allowed"):
-        fetch_bytes(url, MediaPolicy(allowed_domains=("127.0.0.1",), timeout_s=5))
-    assert _Handler.hits == [f"/redirect-to/http://localhost:{port}/ok"]
-
-
-def test_http_timeout(server: str) -> None:
-    with pytest.raises(MediaError, match="/slow failed"):
-        fetch_bytes(f"{server}/slow", MediaPolicy(timeout_s=0.2))
-
-
-def test_unreachable_server() -> None:
-    # Port 9 (discard) on 127.0.0.1 is closed: a connection error, reported as a MediaError.
-    with pytest.raises(MediaError, match=re.escape("fetching http://127.0.0.1:9/x failed")):
-        fetch_bytes("http://127.0.0.1:9/x", MediaPolicy(timeout_s=2))
+def test_fetching_and_sniffing_modules_do_not_import_torch() -> None:
+    # The server validates media in processes/threads that must not pay for torch.
+    code = ("import sys, glmv.multimodal.media, glmv.multimodal.fetch, glmv.multimodal.sniff, "
+            "glmv.multimodal.document; assert 'torch' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
