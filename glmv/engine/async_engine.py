@@ -1,0 +1,329 @@
+"""The asynchronous engine: an LLMEngine stepped by one background thread, many asyncio callers.
+
+    caller (event loop)                      engine thread
+    -------------------                      -------------
+    add(request) --- command queue --------> add_request / abort_request
+    async for out in stream  <-- per-request asyncio.Queue <-- step() outputs
+    (disconnect / cancel) ---- abort ------> abort_request (blocks freed at once)
+
+The model forward is blocking PyTorch work, so it runs off the event loop; the loop only moves
+Python objects. Media fetching and preprocessing run in a bounded thread pool of their own
+(`mm_max_concurrent_calls`) with a per-request timeout, so a slow download never stalls a step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from glmv.engine.config import EngineArgs
+from glmv.engine.llm_engine import LLMEngine
+from glmv.engine.outputs import RequestOutput
+from glmv.errors import EngineError, GlmvError, MediaError, QueueFullError
+from glmv.multimodal.media import MediaPolicy
+from glmv.multimodal.processor import ProcessedPrompt
+from glmv.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AsyncEngineConfig:
+    """Limits of the asynchronous front of the engine."""
+
+    max_queue_len: int = 1024  # requests waiting for a slot; more are refused (503)
+    mm_max_concurrent_calls: int = 8  # media fetch/decode/preprocess calls in flight
+    mm_per_request_timeout: float = 30.0  # seconds one request's media work may take
+
+    def __post_init__(self) -> None:
+        if self.max_queue_len < 1:
+            raise GlmvError(f"max_queue_len must be >= 1, got {self.max_queue_len}")
+        if self.mm_max_concurrent_calls < 1:
+            raise GlmvError("mm_max_concurrent_calls must be >= 1, got "
+                            f"{self.mm_max_concurrent_calls}")
+        if not self.mm_per_request_timeout > 0:
+            raise GlmvError("mm_per_request_timeout must be > 0 seconds, got "
+                            f"{self.mm_per_request_timeout}")
+
+
+@dataclass
+class EngineStats:
+    """A snapshot the engine thread publishes after every step (read by /metrics)."""
+
+    num_running: int = 0  # requests holding KV blocks
+    num_waiting: int = 0  # requests queued for a slot
+    num_kv_blocks: int = 0  # blocks in the KV cache
+    num_kv_blocks_used: int = 0  # blocks referenced by running requests
+    encoder_cache_hits: int = 0  # images/videos served from the vision-encoder cache
+    encoder_cache_misses: int = 0
+    num_steps: int = 0
+    step_failures: int = 0  # steps that raised outside the runner's own guard
+
+
+@dataclass
+class _Stream:
+    """Where the engine thread puts one request's outputs for its asyncio consumer."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput | BaseException] = field(default_factory=asyncio.Queue)
+
+    def put(self, item: RequestOutput | BaseException) -> bool:
+        """Hand an item to the consumer; False when its event loop is gone (nobody listens)."""
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the loop was closed: its consumer cannot read any more
+            return False
+        return True
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    priority: int
+    stream: _Stream
+    done: concurrent.futures.Future[None]
+
+
+class AsyncEngine:
+    """Owns an LLMEngine and the thread that steps it; safe to call from one event loop.
+
+    Invariants: only the engine thread touches the LLMEngine after `start()`; every request
+    added gets exactly one finished output or one exception on its stream; a request whose
+    consumer goes away is aborted.
+    """
+
+    def __init__(self, engine: LLMEngine, config: AsyncEngineConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or AsyncEngineConfig()
+        self.processor = engine.processor
+        self.tokenizer = engine.tokenizer
+        self.stats = EngineStats()
+        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._streams: dict[str, _Stream] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._media_pool = concurrent.futures.ThreadPoolExecutor(
+            self.config.mm_max_concurrent_calls, thread_name_prefix="glmv-media")
+        self._media_slots: asyncio.Semaphore | None = None
+        self._num_pending = 0  # added but not yet finished (queue-length limit)
+        self._lock = threading.Lock()
+        self.step_hook: Callable[[], None] | None = None  # tests inject step faults here
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, media_policy: MediaPolicy | None = None,
+                  config: AsyncEngineConfig | None = None) -> AsyncEngine:
+        return cls(LLMEngine.from_args(args, media_policy), config)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="glmv-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread; requests still running end with an EngineError."""
+        self._stopping.set()
+        self._commands.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._media_pool.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_unfinished(self) -> int:
+        return self._num_pending
+
+    # -- media -------------------------------------------------------------------------------
+
+    async def run_media(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run media work (fetch, decode, preprocess, template) in the bounded pool, under the
+        per-request timeout."""
+        if self._media_slots is None:
+            self._media_slots = asyncio.Semaphore(self.config.mm_max_concurrent_calls)
+        loop = asyncio.get_running_loop()
+        timeout = self.config.mm_per_request_timeout
+        async def guarded() -> T:
+            assert self._media_slots is not None
+            async with self._media_slots:
+                return await loop.run_in_executor(self._media_pool, lambda: fn(*args, **kwargs))
+
+        try:
+            return await asyncio.wait_for(guarded(), timeout)
+        except asyncio.TimeoutError:
+            raise MediaError(f"preparing this request's media took longer than {timeout:g} s "
+                             "(--mm-per-request-timeout)") from None
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def add(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                  priority: int = 0) -> RequestStream:
+        """Queue a request; its outputs come from the returned stream, which must be closed.
+
+        Raises the engine's typed error when the request cannot be added (prompt too long,
+        bad token ids) and QueueFullError when the server holds `max_queue_len` requests.
+        """
+        if not self.is_alive:
+            raise EngineError("the engine is not running")
+        stream = _Stream(asyncio.get_running_loop())
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        with self._lock:
+            if self._num_pending >= self.config.max_queue_len:
+                raise QueueFullError(
+                    f"the server has {self._num_pending} requests in flight, its limit "
+                    "(--max-queue-len); retry later")
+            self._num_pending += 1
+        handle = RequestStream(self, request_id, stream)
+        try:
+            self._commands.put(_Add(request_id, prompt, params, priority, stream, done))
+            await asyncio.wrap_future(done)
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                       priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until it finishes; leaving the loop early
+        (client gone, task cancelled) aborts the request."""
+        handle = await self.add(request_id, prompt, params, priority)
+        try:
+            async for output in handle:
+                yield output
+        finally:
+            handle.close()
+
+    def _release(self, request_id: str, aborted: bool) -> None:
+        with self._lock:
+            self._num_pending -= 1
+        if aborted:
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(request_id)
+
+    # -- the engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            block = not self.engine.has_unfinished_requests()
+            if not self._drain_commands(block):
+                break
+            if self.engine.has_unfinished_requests():
+                self._step()
+        self._fail_all(EngineError("the server is shutting down"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued adds and aborts; wait for one when idle. False on shutdown."""
+        while True:
+            try:
+                command = self._commands.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if command is None:
+                return False
+            if isinstance(command, str):
+                self._abort(command)
+            else:
+                self._add(command)
+
+    def _add(self, command: _Add) -> None:
+        try:
+            self.engine.add_request(command.request_id, command.prompt, command.params,
+                                    priority=command.priority, arrival_time=time.monotonic())
+        except Exception as exc:
+            command.done.set_exception(exc)
+            return
+        self._streams[command.request_id] = command.stream
+        command.done.set_result(None)
+
+    def _abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self.engine.abort_request(request_id)
+            self._publish_stats()
+
+    def _step(self) -> None:
+        try:
+            if self.step_hook is not None:
+                self.step_hook()
+            outputs = self.engine.step()
+        except Exception as exc:
+            # The runner already fails only its own step's requests; anything escaping the
+            # engine leaves its state unknown, so every request in it ends with this error.
+            logger.exception("engine step failed")
+            self.stats.step_failures += 1
+            self._fail_all(EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
+            return
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is None:
+                continue
+            if output.finished:
+                del self._streams[output.request_id]
+            if not stream.put(output) and not output.finished:
+                self._abort(output.request_id)
+        self._publish_stats()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for request_id, stream in list(self._streams.items()):
+            self.engine.abort_request(request_id)
+            stream.put(error)
+        self._streams.clear()
+        self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        engine = self.engine
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        cache = engine.runner.encoder_cache
+        self.stats = EngineStats(
+            num_running=scheduler.num_running, num_waiting=scheduler.num_waiting,
+            num_kv_blocks=blocks.num_blocks, num_kv_blocks_used=blocks.num_used_blocks,
+            encoder_cache_hits=cache.hits, encoder_cache_misses=cache.misses,
+            num_steps=engine.num_steps, step_failures=self.stats.step_failures)
+
+
+class RequestStream:
+    """The outputs of one request, as an async iterator; `close()` releases it (and aborts it
+    when it has not finished)."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, stream: _Stream) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._stream = stream
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished:
+            raise StopAsyncIteration
+        item = await self._stream.queue.get()
+        if isinstance(item, BaseException):
+            self._finished = True
+            raise item
+        self._finished = item.finished
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._engine._release(self.request_id, aborted=not self._finished)

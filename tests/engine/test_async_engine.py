@@ -1,0 +1,230 @@
+"""AsyncEngine: the engine thread under many asyncio callers — same tokens as the synchronous
+engine, aborts on early close, a bounded queue, bounded media work, and a failing step that
+fails its requests without stopping the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from glmv.engine.async_engine import AsyncEngine, AsyncEngineConfig
+from glmv.errors import EngineError, GlmvError, MediaError, QueueFullError
+from glmv.models.loader import load_model
+from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
+from glmv.sampling_params import SamplingParams
+from tests.helpers import make_engine, run_engine
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint: Any) -> tuple[MultiModalProcessor, Any]:
+    ckpt = tiny_checkpoint("glm-4.6v-flash")
+    return MultiModalProcessor.from_pretrained(ckpt), load_model(ckpt, dtype="float32",
+                                                                 progress=False)
+
+
+def _async(loaded: Any, **config: Any) -> AsyncEngine:
+    return AsyncEngine(make_engine(*loaded, max_model_len=256), AsyncEngineConfig(**config))
+
+
+@pytest.fixture
+def engine(loaded: Any) -> Iterator[AsyncEngine]:
+    eng = _async(loaded)
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+def prompts(processor: MultiModalProcessor, n: int) -> list[ProcessedPrompt]:
+    return [processor.process_chat([{"role": "user", "content": f"Question {i}: " + "x" * i}])
+            for i in range(n)]
+
+
+def _all_free(engine: AsyncEngine) -> bool:
+    blocks = engine.engine.block_manager
+    return (blocks.num_free_blocks == blocks.num_blocks and engine.num_unfinished == 0
+            and not engine.engine.has_unfinished_requests())
+
+
+def _wait_until(cond: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+async def _collect(engine: AsyncEngine, request_id: str, prompt: ProcessedPrompt,
+                   params: SamplingParams) -> tuple[list[int], str]:
+    text, final = "", None
+    async for output in engine.generate(request_id, prompt, params):
+        text += output.outputs[0].delta_text
+        final = output
+    assert final is not None and final.finished
+    return final.outputs[0].token_ids, text
+
+
+def test_concurrent_requests_equal_the_synchronous_engine(engine: AsyncEngine,
+                                                          loaded: Any) -> None:
+    params = SamplingParams.greedy(max_tokens=12, ignore_eos=True)
+    batch = prompts(loaded[0], 6)
+    expected = run_engine(make_engine(*loaded, max_model_len=256), batch, params)
+
+    async def main() -> list[tuple[list[int], str]]:
+        return await asyncio.gather(*(_collect(engine, f"a{i}", p, params)
+                                      for i, p in enumerate(batch)))
+
+    for (ids, text), want in zip(asyncio.run(main()), expected, strict=True):
+        assert ids == want.outputs[0].token_ids
+        assert text == want.outputs[0].text
+    _wait_until(lambda: _all_free(engine) and engine.stats.num_kv_blocks_used == 0)
+    assert engine.stats.num_running == 0 and engine.stats.num_steps >= 12
+
+
+def test_leaving_a_stream_early_aborts_the_request(engine: AsyncEngine, loaded: Any) -> None:
+    params = SamplingParams.greedy(max_tokens=200, ignore_eos=True)
+
+    async def main() -> int:
+        seen = 0
+        async for output in engine.generate("early", prompts(loaded[0], 1)[0], params):
+            seen = len(output.outputs[0].token_ids)
+            if seen >= 3:
+                break
+        return seen
+
+    assert asyncio.run(main()) >= 3
+    _wait_until(lambda: _all_free(engine))
+
+
+def test_a_cancelled_consumer_aborts_the_request(engine: AsyncEngine, loaded: Any) -> None:
+    params = SamplingParams.greedy(max_tokens=200, ignore_eos=True)
+    engine.step_hook = lambda: time.sleep(0.01)  # 200 steps take 2 s: cancelled long before
+
+    async def main() -> None:
+        task = asyncio.ensure_future(_collect(engine, "cancel", prompts(loaded[0], 1)[0],
+                                              params))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    _wait_until(lambda: _all_free(engine))
+
+
+def test_a_full_queue_refuses_new_requests(loaded: Any) -> None:
+    engine = _async(loaded, max_queue_len=2)
+    engine.start()
+    params = SamplingParams.greedy(max_tokens=30, ignore_eos=True)
+    batch = prompts(loaded[0], 3)
+
+    async def main() -> None:
+        first = await engine.add("q0", batch[0], params)
+        second = await engine.add("q1", batch[1], params)
+        with pytest.raises(QueueFullError, match="--max-queue-len"):
+            await engine.add("q2", batch[2], params)
+        first.close()  # a slot frees as soon as a request is released
+        third = await engine.add("q2", batch[2], params)
+        async for _ in third:
+            pass
+        third.close()
+        second.close()
+
+    try:
+        asyncio.run(main())
+        _wait_until(lambda: _all_free(engine))
+    finally:
+        engine.shutdown()
+    assert QueueFullError.http_status == 503
+
+
+def test_bad_requests_raise_at_add_and_leave_no_trace(engine: AsyncEngine, loaded: Any) -> None:
+    prompt = prompts(loaded[0], 1)[0]
+    too_long = loaded[0].process_token_ids([100] * 300)  # max_model_len is 256
+
+    async def main() -> None:
+        with pytest.raises(GlmvError, match="256"):
+            await engine.add("long", too_long, SamplingParams.greedy(max_tokens=10))
+        handle = await engine.add("ok", prompt, SamplingParams.greedy(max_tokens=2))
+        async for _ in handle:
+            pass
+        handle.close()
+
+    asyncio.run(main())
+    _wait_until(lambda: _all_free(engine))
+
+
+def test_media_work_is_bounded_and_timed_out(loaded: Any) -> None:
+    engine = _async(loaded, mm_max_concurrent_calls=2, mm_per_request_timeout=0.5)
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def work(seconds: float) -> float:
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(seconds)
+        with lock:
+            running[0] -= 1
+        return seconds
+
+    async def main() -> None:
+        assert await asyncio.gather(*(engine.run_media(work, 0.1) for _ in range(6))) == [0.1] * 6
+        with pytest.raises(MediaError, match="--mm-per-request-timeout"):
+            await engine.run_media(work, 2.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert peak[0] == 2
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(engine: AsyncEngine,
+                                                                   loaded: Any) -> None:
+    params = SamplingParams.greedy(max_tokens=50, ignore_eos=True)
+    batch = prompts(loaded[0], 3)
+    calls = [0]
+
+    def hook() -> None:
+        calls[0] += 1
+        if calls[0] == 3:
+            raise RuntimeError("injected fault")
+
+    engine.step_hook = hook
+
+    async def main() -> list[Any]:
+        return await asyncio.gather(*(_collect(engine, f"f{i}", p, params)
+                                      for i, p in enumerate(batch)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, EngineError) and "injected fault" in str(r) for r in results)
+    assert engine.stats.step_failures == 1 and engine.is_alive
+    _wait_until(lambda: _all_free(engine))
+    # The next request is served normally.
+    engine.step_hook = None
+    ids, _ = asyncio.run(_collect(engine, "after", batch[0],
+                                  SamplingParams.greedy(max_tokens=4, ignore_eos=True)))
+    assert len(ids) == 4
+
+
+def test_shutdown_ends_running_requests_with_an_error(loaded: Any) -> None:
+    engine = _async(loaded)
+    engine.start()
+    params = SamplingParams.greedy(max_tokens=10_0, ignore_eos=True)
+
+    async def main() -> None:
+        handle = await engine.add("s", prompts(loaded[0], 1)[0], params)
+        await handle.__anext__()
+        await asyncio.get_running_loop().run_in_executor(None, engine.shutdown)
+        with pytest.raises(EngineError, match="shutting down"):
+            async for _ in handle:
+                pass
+        handle.close()
+        with pytest.raises(EngineError, match="not running"):
+            await engine.add("late", prompts(loaded[0], 1)[0], params)
+
+    asyncio.run(main())
+    assert not engine.is_alive
