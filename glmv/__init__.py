@@ -11,11 +11,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from glmv.sampling_params import SamplingParams
+from glmv.version import __version__
 
 if TYPE_CHECKING:
     from glmv.llm import LLM
-
-__version__ = "0.1.0"
 
 __all__ = ["LLM", "SamplingParams", "__version__"]
 

@@ -1,4 +1,4 @@
-"""Command line: `glmv generate`, `glmv make-tiny`.
+"""Command line: `glmv serve`, `glmv generate`, `glmv make-tiny`.
 
 Errors glmv raises on purpose (bad input, missing files) print as one line on stderr with exit
 status 2; anything else is a bug and keeps its traceback.
@@ -157,10 +157,95 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (vLLM's flag names)")
+    p.add_argument("model", nargs="?", default=None,
+                   help="checkpoint folder or hub id (default: the built-in demo model)")
+    p.add_argument("--model", dest="model_flag", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) clients use for the model (default: the model argument)")
+    p.add_argument("--api-key", action="append", default=None,
+                   help="require this key (Authorization: Bearer KEY); repeatable; "
+                        "also read from GLMV_API_KEY")
+    p.add_argument("--dtype", default="auto", choices=("auto", *DTYPE_NAMES))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=float, default=None,
+                   help="KV cache size in GiB (default 4 on CPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
+                   action="store_false")
+    p.add_argument("--limit-mm-per-prompt", default=None,
+                   help='media items per request, e.g. \'{"image": 8, "video": 2}\'')
+    p.add_argument("--allowed-local-media-path", action="append", default=[],
+                   help="folder whose files requests may name (file:// or a path); repeatable")
+    p.add_argument("--allowed-media-domains", nargs="+", default=None,
+                   help="only these domains may serve media URLs")
+    p.add_argument("--allow-private-media-urls", action="store_true",
+                   help="allow media URLs on loopback/private/link-local addresses (unsafe)")
+    p.add_argument("--media-io-kwargs", default=None,
+                   help='e.g. \'{"video": {"fps": 1}}\'')
+    p.add_argument("--media-fetch-timeout", type=float, default=None,
+                   help="seconds one media download may take (default 10)")
+    p.add_argument("--max-media-bytes", type=int, default=None,
+                   help="bytes per image, video or document (default 64 MiB)")
+    p.add_argument("--max-media-redirects", type=int, default=None,
+                   help="redirects followed per media URL, each re-checked (default 5)")
+    p.add_argument("--max-image-pixels", type=int, default=None,
+                   help="pixels per image, checked from its header before decoding")
+    p.add_argument("--max-video-frames", type=int, default=None,
+                   help="frames per video (from its metadata, before decoding)")
+    p.add_argument("--max-video-seconds", type=float, default=None,
+                   help="duration per video in seconds")
+    p.add_argument("--max-document-pages", type=int, default=None,
+                   help="pages per PDF/PPT document")
+    p.add_argument("--document-max-visual-tokens", type=int, default=None,
+                   help="visual tokens per document (pages are rendered to fit)")
+    p.add_argument("--office-timeout", type=float, default=None,
+                   help="seconds a PPT/PPTX conversion through LibreOffice may take")
+    p.add_argument("--chat-template", default=None, help="template file or text")
+    p.add_argument("--default-chat-template-kwargs", default=None,
+                   help='e.g. \'{"enable_thinking": false}\'')
+    p.add_argument("--mm-max-concurrent-calls", type=int, default=8,
+                   help="media fetch/decode/preprocess calls in flight")
+    p.add_argument("--mm-per-request-timeout", type=float, default=30.0,
+                   help="seconds one request's media work may take")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds a request may run before it is ended")
+    p.add_argument("--max-queue-len", type=int, default=1024,
+                   help="requests in flight before new ones are refused with 503")
+    p.add_argument("--reasoning-parser", default=None, help="accepted for vLLM scripts")
+    p.add_argument("--tool-call-parser", default=None, help="accepted for vLLM scripts")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM scripts (tools are parsed when the model has them)")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from glmv.demo import is_demo
+    from glmv.server.launch import serve
+    from glmv.server.options import serve_args
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args.model = args.model_flag or args.model or "demo"
+    if is_demo(args.model):
+        print("glmv: serving the built-in demo model (RANDOM WEIGHTS: its answers are "
+              "meaningless)", file=sys.stderr)
+    serve(serve_args(args))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glmv", description="GLM-V inference and serving")
     parser.add_argument("--version", action="version", version=f"glmv {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
     _add_generate(sub)
     _add_make_tiny(sub)
     return parser

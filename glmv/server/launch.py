@@ -1,0 +1,48 @@
+"""`glmv serve`: load the model, build the app, run uvicorn on one process."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from glmv.engine.async_engine import AsyncEngine, AsyncEngineConfig
+from glmv.engine.config import EngineArgs
+from glmv.multimodal.media import MediaPolicy
+from glmv.server.app import build_app
+from glmv.server.config import ServerConfig
+from glmv.server.context import ServerContext
+
+logger = logging.getLogger("glmv.server")
+
+
+@dataclass(frozen=True)
+class ServeArgs:
+    """Everything `glmv serve` needs, each part built from its own flags."""
+
+    engine: EngineArgs
+    server: ServerConfig
+    media: MediaPolicy
+    async_engine: AsyncEngineConfig
+
+
+def build_context(args: ServeArgs) -> ServerContext:
+    """Load the checkpoint and wrap it for serving (the engine thread starts with the app)."""
+    engine = AsyncEngine.from_args(args.engine, args.media, args.async_engine)
+    return ServerContext(engine, args.server, _default_name(args.engine.model))
+
+
+def _default_name(model: str) -> str:
+    return model.rstrip("/")
+
+
+def serve(args: ServeArgs) -> None:
+    import uvicorn
+
+    ctx = build_context(args)
+    app = build_app(ctx)
+    host, port = args.server.host, args.server.port
+    url_host = f"[{host}]" if ":" in host else host
+    print(f"glmv: serving {ctx.model_name!r} on http://{url_host}:{port} "
+          f"(OpenAI API at /v1, max_model_len {ctx.model.max_model_len})", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False,
+                timeout_graceful_shutdown=30)
