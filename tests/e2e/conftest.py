@@ -30,6 +30,7 @@ class Server:
     url: str  # http://127.0.0.1:PORT
     process: subprocess.Popen[bytes]
     log: Path
+    variant: str = ""  # the tiny checkpoint's variant, when known
 
     @property
     def api(self) -> str:

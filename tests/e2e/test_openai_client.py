@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from tests.conftest import GLM45_LAYOUT, VARIANTS
 from tests.e2e.conftest import Server
 
 openai = pytest.importorskip("openai", reason="the official client is a test dependency")
@@ -49,15 +50,15 @@ def files(media_dir: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module")
-def glm46v(serve: Callable[..., Server]) -> Server:
-    return serve("glm-4.6v", "--served-model-name", MODEL, "--reasoning-parser", "glm45",
-                 "--tool-call-parser", "glm45", "--enable-auto-tool-choice")
-
-
-@pytest.fixture(scope="module")
-def glm41v(serve: Callable[..., Server]) -> Server:
-    return serve("glm-4.1v-thinking", "--served-model-name", MODEL)
+@pytest.fixture(scope="module", params=VARIANTS)
+def server(request: pytest.FixtureRequest, serve: Callable[..., Server]) -> Server:
+    flags = ["--served-model-name", MODEL]
+    if request.param in GLM45_LAYOUT:  # vLLM launch scripts pass these; they must be accepted
+        flags += ["--reasoning-parser", "glm45", "--tool-call-parser", "glm45",
+                  "--enable-auto-tool-choice"]
+    server = serve(request.param, *flags)
+    server.variant = request.param
+    return server
 
 
 def client(server: Server) -> Any:
@@ -78,14 +79,12 @@ def tokenize(server: Server, **body: Any) -> dict[str, Any]:
 GREEDY: dict[str, Any] = {"temperature": 0, "extra_body": {"ignore_eos": True}}
 
 
-def test_models(glm46v: Server) -> None:
-    models = client(glm46v).models.list()
+def test_models(server: Server) -> None:
+    models = client(server).models.list()
     assert [m.id for m in models.data] == [MODEL]
 
 
-@pytest.mark.parametrize("variant", ["glm46v", "glm41v"])
-def test_text_chat_whole_and_streamed(variant: str, request: pytest.FixtureRequest) -> None:
-    server = request.getfixturevalue(variant)
+def test_text_chat_whole_and_streamed(server: Server) -> None:
     messages = [{"role": "user", "content": "Write a haiku."}]
     whole = client(server).chat.completions.create(model=MODEL, messages=messages,
                                                    max_tokens=10, **GREEDY)
@@ -108,19 +107,19 @@ def test_text_chat_whole_and_streamed(variant: str, request: pytest.FixtureReque
     assert usage is not None and usage.total_tokens == whole.usage.total_tokens
 
 
-def test_images_by_data_url_and_path(glm46v: Server, files: dict[str, Path]) -> None:
+def test_images_by_data_url_and_path(server: Server, files: dict[str, Path]) -> None:
     one = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": data_url(files["cat.png"])}},
         {"type": "text", "text": "What is this?"}]}]
     by_path = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": files["cat.png"].as_uri()}},
         {"type": "text", "text": "What is this?"}]}]
-    a = client(glm46v).chat.completions.create(model=MODEL, messages=one, max_tokens=4,
+    a = client(server).chat.completions.create(model=MODEL, messages=one, max_tokens=4,
                                                **GREEDY)
-    b = client(glm46v).chat.completions.create(model=MODEL, messages=by_path, max_tokens=4,
+    b = client(server).chat.completions.create(model=MODEL, messages=by_path, max_tokens=4,
                                                **GREEDY)
     assert a.choices[0].message.content == b.choices[0].message.content
-    counted = tokenize(glm46v, messages=one)
+    counted = tokenize(server, messages=one)
     assert a.usage.prompt_tokens == counted["count"]
     details = a.usage.prompt_tokens_details.model_dump()
     assert details["image_tokens"] == counted["image_tokens"] > 0
@@ -128,23 +127,23 @@ def test_images_by_data_url_and_path(glm46v: Server, files: dict[str, Path]) -> 
         {"type": "image_url", "image_url": {"url": files["cat.png"].as_uri()}},
         {"type": "image_url", "image_url": {"url": data_url(files["dog.jpg"])}},
         {"type": "text", "text": "Compare."}]}]
-    c = client(glm46v).chat.completions.create(model=MODEL, messages=several, max_tokens=3,
+    c = client(server).chat.completions.create(model=MODEL, messages=several, max_tokens=3,
                                                **GREEDY)
     assert c.usage.prompt_tokens_details.model_dump()["image_tokens"] == tokenize(
-        glm46v, messages=several)["image_tokens"] > counted["image_tokens"]
+        server, messages=several)["image_tokens"] > counted["image_tokens"]
 
 
-def test_video_by_path(glm46v: Server, files: dict[str, Path]) -> None:
+def test_video_by_path(server: Server, files: dict[str, Path]) -> None:
     messages = [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": files["clip.mp4"].as_uri()}},
         {"type": "text", "text": "What happens?"}]}]
-    result = client(glm46v).chat.completions.create(model=MODEL, messages=messages,
+    result = client(server).chat.completions.create(model=MODEL, messages=messages,
                                                     max_tokens=3, **GREEDY)
     details = result.usage.prompt_tokens_details.model_dump()
-    assert details["video_tokens"] == tokenize(glm46v, messages=messages)["video_tokens"] > 0
+    assert details["video_tokens"] == tokenize(server, messages=messages)["video_tokens"] > 0
 
 
-def test_pdf_pages_become_images(glm46v: Server) -> None:
+def test_pdf_pages_become_images(server: Server) -> None:
     fitz = pytest.importorskip("pymupdf")
     doc = fitz.open()
     for n in range(2):
@@ -155,85 +154,97 @@ def test_pdf_pages_become_images(glm46v: Server) -> None:
         {"type": "file", "file": {"filename": "report.pdf", "file_data":
                                   "data:application/pdf;base64," + base64.b64encode(pdf).decode()}},
         {"type": "text", "text": "Summarise."}]}]
-    result = client(glm46v).chat.completions.create(model=MODEL, messages=messages,
+    result = client(server).chat.completions.create(model=MODEL, messages=messages,
                                                     max_tokens=3, **GREEDY)
-    counted = tokenize(glm46v, messages=messages)
+    counted = tokenize(server, messages=messages)
     assert result.usage.prompt_tokens == counted["count"]
     assert counted["image_tokens"] > 0
-    begin = glm46v_token(glm46v, "<|begin_of_image|>")
+    begin = token_id(server, "<|begin_of_image|>")
     assert counted["tokens"].count(begin) == 2  # one image per page
 
 
-def glm46v_token(server: Server, text: str) -> int:
+def token_id(server: Server, text: str) -> int:
     ids = tokenize(server, prompt=text)["tokens"]
     assert len(ids) == 1
     return int(ids[0])
 
 
-def test_tools_and_tool_choice(glm46v: Server) -> None:
+def test_tools_and_tool_choice(server: Server) -> None:
     messages = [{"role": "user", "content": "Weather in Paris?"}]
-    auto = client(glm46v).chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
+    if server.variant not in GLM45_LAYOUT:
+        with pytest.raises(openai.BadRequestError, match="does not support tools"):
+            client(server).chat.completions.create(model=MODEL, messages=messages,
+                                                   max_tokens=2, tools=[WEATHER])
+        return
+    auto = client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=4,
                                                   tools=[WEATHER], **GREEDY)
-    assert auto.usage.prompt_tokens == tokenize(glm46v, messages=messages,
+    assert auto.usage.prompt_tokens == tokenize(server, messages=messages,
                                                 tools=[WEATHER])["count"]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    forced = client(glm46v).chat.completions.create(
+    forced = client(server).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=4, tools=[WEATHER], tool_choice=named,
         **GREEDY)
-    counted = tokenize(glm46v, messages=messages, tools=[WEATHER], tool_choice=named)
+    counted = tokenize(server, messages=messages, tools=[WEATHER], tool_choice=named)
     assert forced.usage.prompt_tokens == counted["count"] > auto.usage.prompt_tokens
     with pytest.raises(openai.BadRequestError, match="tool_choice"):
-        client(glm46v).chat.completions.create(model=MODEL, messages=messages,
+        client(server).chat.completions.create(model=MODEL, messages=messages,
                                                tool_choice="required", max_tokens=2)
     unknown = {"type": "function", "function": {"name": "get_time"}}
     with pytest.raises(openai.BadRequestError, match="not among the tools"):
-        client(glm46v).chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
+        client(server).chat.completions.create(model=MODEL, messages=messages, max_tokens=2,
                                                tools=[WEATHER], tool_choice=unknown)
 
 
-def test_thinking_switch(glm46v: Server) -> None:
+def test_thinking_switch(server: Server) -> None:
     messages = [{"role": "user", "content": "Hi"}]
-    off = client(glm46v).chat.completions.create(
+    if server.variant not in GLM45_LAYOUT:  # GLM-4.1V always thinks: the switch changes nothing
+        assert tokenize(server, messages=messages)["count"] == tokenize(
+            server, messages=messages, chat_template_kwargs={"enable_thinking": False})["count"]
+        reply = client(server).chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, **GREEDY)
+        assert reply.usage.completion_tokens == 6
+        return
+    off = client(server).chat.completions.create(
         model=MODEL, messages=messages, max_tokens=6, temperature=0,
         extra_body={"ignore_eos": True, "chat_template_kwargs": {"enable_thinking": False}})
     assert getattr(off.choices[0].message, "reasoning_content", None) is None
     assert off.usage.completion_tokens_details.reasoning_tokens == 0
-    on = tokenize(glm46v, messages=messages)["count"]
+    on = tokenize(server, messages=messages)["count"]
     assert off.usage.prompt_tokens == tokenize(
-        glm46v, messages=messages, chat_template_kwargs={"enable_thinking": False})["count"]
+        server, messages=messages, chat_template_kwargs={"enable_thinking": False})["count"]
     assert off.usage.prompt_tokens > on
 
 
-def test_completions_and_errors(glm46v: Server) -> None:
-    result = client(glm46v).completions.create(model=MODEL, prompt="Once upon a time",
+def test_completions_and_errors(server: Server) -> None:
+    result = client(server).completions.create(model=MODEL, prompt="Once upon a time",
                                                max_tokens=5, **GREEDY)
     assert result.usage.completion_tokens == 5
     with pytest.raises(openai.NotFoundError):
-        client(glm46v).chat.completions.create(model="gpt-4o", max_tokens=1,
+        client(server).chat.completions.create(model="gpt-4o", max_tokens=1,
                                                messages=[{"role": "user", "content": "x"}])
     outside = [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]
     with pytest.raises(openai.BadRequestError, match="allowed-local-media-path"):
-        client(glm46v).chat.completions.create(model=MODEL, messages=outside, max_tokens=1)
+        client(server).chat.completions.create(model=MODEL, messages=outside, max_tokens=1)
 
 
-def test_disconnect_mid_stream_aborts_the_request(glm46v: Server) -> None:
+def test_disconnect_mid_stream_aborts_the_request(server: Server) -> None:
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}],
             "max_tokens": 3000, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", glm46v.api + "/chat/completions", json=body,
+    with httpx.stream("POST", server.api + "/chat/completions", json=body,
                       timeout=60) as response:
         lines = response.iter_lines()
         for _ in range(5):
             assert next(lines).startswith("data: ")
             next(lines)  # the blank line ending the event
-        assert glm46v.metric("glmv_num_requests_running") == 1
-        assert glm46v.metric("glmv_kv_cache_blocks_used") > 0
+        assert server.metric("glmv_num_requests_running") == 1
+        assert server.metric("glmv_kv_cache_blocks_used") > 0
     # The connection is closed: the server notices and aborts the request.
     deadline = time.monotonic() + 20
-    while glm46v.metric("glmv_num_requests_running") or glm46v.metric(
-            "glmv_kv_cache_blocks_used") or glm46v.metric("glmv_num_requests_in_flight"):
+    while server.metric("glmv_num_requests_running") or server.metric(
+            "glmv_kv_cache_blocks_used") or server.metric("glmv_num_requests_in_flight"):
         assert time.monotonic() < deadline, "request still running"
         time.sleep(0.1)
-    assert glm46v.metric("glmv_engine_steps") < 2000  # stopped long before its 3000 tokens
+    assert server.metric("glmv_engine_steps") < 2000  # stopped long before its 3000 tokens
     # ... and goes on serving.
-    assert json.loads(httpx.get(glm46v.url + "/v1/models").text)["data"][0]["id"] == MODEL
+    assert json.loads(httpx.get(server.url + "/v1/models").text)["data"][0]["id"] == MODEL
