@@ -248,8 +248,23 @@ def test_history_drops_earlier_reasoning(scripted: Any) -> None:
     assert "First answer." in prompt and "SECRET-CHAIN-OF-THOUGHT" not in prompt
 
 
-def test_images_inside_tool_results_reach_the_model(scripted: Any) -> None:
-    # GLM-4.6V renders media in tool results; their visual tokens count in the prompt.
+def mp4_data_url(tmp_path: Any) -> str:
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = np.full((48, 64, 3), i * 25, dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def test_media_inside_tool_results_reach_the_model(scripted: Any, tmp_path: Any) -> None:
+    # GLM-4.6V renders images and videos in tool results; their tokens count in the prompt.
     messages = [
         *user("Show me the chart."),
         {"role": "assistant", "content": "", "tool_calls": [{
@@ -257,11 +272,15 @@ def test_images_inside_tool_results_reach_the_model(scripted: Any) -> None:
             "function": {"name": "get_time", "arguments": "{}"}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": [
             {"type": "text", "text": "Here it is:"},
-            {"type": "image_url", "image_url": {"url": png_data_url(56, 56)}}]},
+            {"type": "image_url", "image_url": {"url": png_data_url(56, 56)}},
+            {"type": "video_url", "video_url": {"url": mp4_data_url(tmp_path)}}]},
     ]
     result = scripted.post("/v1/chat/completions", json={"messages": messages,
                                                           "tools": [TIME]}).json()
     prompt = engine_of(scripted).prompts[-1]
     assert prompt.num_image_tokens > 0
-    assert result["usage"]["prompt_tokens_details"]["image_tokens"] == prompt.num_image_tokens
-    assert "Here it is:" in (prompt.prompt or "")
+    assert prompt.num_video_tokens > 0
+    details = result["usage"]["prompt_tokens_details"]
+    assert (details["image_tokens"], details["video_tokens"]) == (
+        prompt.num_image_tokens, prompt.num_video_tokens)
+    assert "<tool_response>\nHere it is:<|begin_of_image|>" in (prompt.prompt or "")
