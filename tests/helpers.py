@@ -45,3 +45,20 @@ def run_engine(engine: Any, prompts: list[ProcessedPrompt], params: Any,
             if output.finished:
                 done[output.request_id] = output
     return [done[i] for i in ids]
+
+
+def write_mp4(path: Any, num_frames: int = 8, width: int = 64, height: int = 48,
+              fps: int = 4) -> Any:
+    """A small MPEG-4 video whose frames change colour, written to `path` (returned)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            frame = np.full((height, width, 3), ((i * 30) % 256, 100, (200 - i * 20) % 256),
+                            dtype=np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path

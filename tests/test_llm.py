@@ -9,12 +9,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import PIL.Image
 import pytest
 
 from glmv import LLM, SamplingParams
 from glmv.errors import MediaError, PromptError
+from tests.helpers import write_mp4
 
 ROOT = Path(__file__).resolve().parents[1]
 HOUSE = ROOT / "examples" / "house.png"
@@ -29,16 +29,8 @@ def llm(tiny_checkpoint: Any) -> LLM:
 
 @pytest.fixture(scope="module")
 def video_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    av = pytest.importorskip("av")
-    path = tmp_path_factory.mktemp("video") / "clip.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = np.full((48, 64, 3), (i * 30, 100, 200 - i * 20), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
-    return path
+    pytest.importorskip("av")
+    return write_mp4(tmp_path_factory.mktemp("video") / "clip.mp4")
 
 
 def user(*parts: dict[str, Any]) -> list[dict[str, Any]]:

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import GLM45_LAYOUT, VARIANTS
 from tests.e2e.conftest import Server
+from tests.helpers import write_mp4
 
 openai = pytest.importorskip("openai", reason="the official client is a test dependency")
 
@@ -31,21 +32,14 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def files(media_dir: Path) -> dict[str, Path]:
-    av = pytest.importorskip("av")
+    pytest.importorskip("av")
     rng = np.random.default_rng(0)
     out = {}
     for name, size in (("cat.png", (120, 80)), ("dog.jpg", (64, 96))):
         path = media_dir / name
         PIL.Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(path)
         out[name] = path
-    video = media_dir / "clip.mp4"
-    with av.open(str(video), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = np.full((48, 64, 3), (i * 30, 100, 200 - i * 20), dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    video = write_mp4(media_dir / "clip.mp4")
     out["clip.mp4"] = video
     return out
 

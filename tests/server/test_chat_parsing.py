@@ -15,6 +15,8 @@ from typing import Any
 import PIL.Image
 import pytest
 
+from tests.helpers import write_mp4
+
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather forecast",
     "parameters": {"type": "object", "properties": {
@@ -249,17 +251,7 @@ def test_history_drops_earlier_reasoning(scripted: Any) -> None:
 
 
 def mp4_data_url(tmp_path: Any) -> str:
-    import av
-    import numpy as np
-
-    path = tmp_path / "clip.mp4"
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=4)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(8):
-            frame = np.full((48, 64, 3), i * 25, dtype=np.uint8)
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = write_mp4(tmp_path / "clip.mp4")
     return "data:video/mp4;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
