@@ -269,9 +269,9 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
         if final is not None:
             ctx.record_finished(final, plan.arrival, first_token)
             if include_usage:
-                reasoning = sum(reasoning_tokens(ctx, c, parse_completion(
-                    c.text, ctx.parser_config, **plan.parser_kwargs), plan.thinking)
-                    for c in final.outputs)
+                # The streaming parsers hold each choice's final parse already.
+                reasoning = sum(reasoning_tokens(ctx, c, parsers[c.index].result(),
+                                                 plan.thinking) for c in final.outputs)
                 yield chunk([], usage_json(final, reasoning))
     except Exception as exc:  # the stream has started: report the error in-band
         status, message, param = from_exception(exc)
