@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
+
+import uvicorn
 
 from glmv.engine.async_engine import AsyncEngine, AsyncEngineConfig
 from glmv.engine.config import EngineArgs
@@ -36,13 +40,27 @@ def _default_name(model: str) -> str:
 
 
 def serve(args: ServeArgs) -> None:
-    import uvicorn
-
     ctx = build_context(args)
     app = build_app(ctx)
     host, port = args.server.host, args.server.port
     url_host = f"[{host}]" if ":" in host else host
     print(f"glmv: serving {ctx.model_name!r} on http://{url_host}:{port} "
           f"(OpenAI API at /v1, max_model_len {ctx.model.max_model_len})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=False,
-                timeout_graceful_shutdown=30)
+    config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=30)
+    _CleanExitServer(config).run()
+
+
+class _CleanExitServer(uvicorn.Server):
+    """uvicorn's server, but a shutdown asked for by SIGTERM/SIGINT exits with status 0.
+
+    uvicorn re-raises the signal after its graceful shutdown, so the process would die of it
+    (status -15, or a KeyboardInterrupt traceback); a requested stop that completed cleanly is a
+    clean exit for a service manager.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
