@@ -63,6 +63,19 @@ class ServerContext:
     def model_name(self) -> str:
         return self.names[0]
 
+    def capabilities(self) -> dict[str, Any]:
+        """What a client (the chat page) may send: the model's features and the media limits."""
+        policy = self.processor.media_policy
+        return {
+            "model_type": self.model.model_type,
+            "thinking": "hybrid" if self.model.hybrid_thinking else "always",
+            "tools": self.model.supports_tools,
+            "limit_mm_per_prompt": dict(policy.limit_per_prompt),
+            "max_media_bytes": policy.max_bytes,
+            "max_image_pixels": policy.max_image_pixels,
+            "max_document_pages": policy.max_document_pages,
+        }
+
     def check_model(self, name: str | None) -> str:
         """The served name a request asks for (None = the default); 404 otherwise."""
         if name is None or name == "":

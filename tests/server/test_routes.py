@@ -35,6 +35,10 @@ def test_models_health_version(client: Any) -> None:
     models = client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["glm-tiny", "alias"]
     assert models["data"][0]["max_model_len"] == 2048
+    info = models["data"][0]["glmv"]
+    assert (info["model_type"], info["thinking"], info["tools"]) == ("glm4v_moe", "hybrid", True)
+    assert info["limit_mm_per_prompt"] == {"image": 32, "video": 4, "document": 4}
+    assert info["max_media_bytes"] == 64 * 1024**2
     assert client.get("/health").status_code == 200
     assert client.get("/version").json()["version"]
 
