@@ -15,6 +15,12 @@ pip install --quiet --disable-pip-version-check -e ".[test]"
 # transformers' video processors (reference only) import torchvision; no CPU build exists.
 pip install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0
 python scripts/patch_torchvision.py
+# The chat page's browser tests drive Debian's chromium (Playwright cannot download browsers).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null \
+        || echo "chromium could not be installed: the browser tests will be skipped" >&2
+fi
 
 ruff check glmv tests scripts bench
 mypy

@@ -10,11 +10,13 @@ import hmac
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
@@ -31,6 +33,8 @@ from glmv.server.protocol import (
 from glmv.version import __version__
 
 logger = logging.getLogger(__name__)
+#: The chat page's files (index.html, app.js, style.css), shipped inside the package.
+STATIC_DIR = Path(__file__).parent / "static"
 #: Paths anyone may reach: the load balancer's probe and the chat page with its assets.
 _OPEN_PATHS = ("/health",)
 _OPEN_PREFIXES = ("/static/",)
@@ -65,6 +69,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
     _add_middleware(app, ctx)
     _add_error_handlers(app)
     _add_routes(app, ctx)
+    _add_page(app)
     return app
 
 
@@ -124,6 +129,15 @@ def _check_capacity(ctx: ServerContext) -> None:
                              "requests in flight (--max-queue-len); retry later")
 
 
+def _add_page(app: FastAPI) -> None:
+    """The chat page at / and its assets under /static/ (shipped in the package, no CDN)."""
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+
 def _add_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/health")
     async def health() -> Response:
@@ -138,7 +152,8 @@ def _add_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         data = [{"id": name, "object": "model", "created": ctx.created, "owned_by": "glmv",
-                 "root": ctx.names[0], "parent": None, "max_model_len": ctx.model.max_model_len}
+                 "root": ctx.names[0], "parent": None, "max_model_len": ctx.model.max_model_len,
+                 "glmv": ctx.capabilities()}
                 for name in ctx.names]
         return {"object": "list", "data": data}
 
