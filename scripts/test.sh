@@ -15,11 +15,17 @@ pip install --quiet --disable-pip-version-check -e ".[test]"
 # transformers' video processors (reference only) import torchvision; no CPU build exists.
 pip install --quiet --disable-pip-version-check --no-deps torchvision==0.28.0
 python scripts/patch_torchvision.py
-# The chat page's browser tests drive Debian's chromium (Playwright cannot download browsers).
-if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+# System packages some tests drive: Debian's chromium for the chat page (Playwright cannot
+# download browsers) and LibreOffice Impress for PPT/PPTX documents. Without them those tests
+# skip and say why.
+MISSING=""
+command -v chromium >/dev/null 2>&1 || MISSING="$MISSING chromium"
+command -v soffice >/dev/null 2>&1 || MISSING="$MISSING libreoffice-impress"
+if [ -n "$MISSING" ] && command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium >/dev/null \
-        || echo "chromium could not be installed: the browser tests will be skipped" >&2
+    # shellcheck disable=SC2086
+    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq $MISSING >/dev/null \
+        || echo "could not install$MISSING: their tests will be skipped" >&2
 fi
 
 ruff check glmv tests scripts bench
