@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
@@ -102,6 +103,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
         param = ".".join(str(p) for p in first if p != "body") or None
         return error_response(422, "invalid request: " + "; ".join(problems), param)
+
+    @app.exception_handler(ValidationError)
+    async def invalid_inside(_: Request, exc: ValidationError) -> JSONResponse:
+        # A body valid for its route but not for a model built from it later (e.g. /tokenize's
+        # chat request): still the client's input, so a 422, never a 500.
+        errors = exc.errors()
+        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
+        message = errors[0]["msg"] if errors else str(exc)
+        return error_response(422, f"invalid request: {where}: {message}", where or None)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:

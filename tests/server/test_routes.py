@@ -173,3 +173,11 @@ def test_tokenize_matches_what_the_engine_gets(client: Any) -> None:
         assistant_prefill="<think></think>\n<tool_call>get_weather\n")
     assert counted["tokens"] == prompt.token_ids
     assert counted["image_tokens"] == prompt.num_image_tokens
+
+
+def test_empty_message_lists_are_422_everywhere(client: Any) -> None:
+    # Found by fuzzing: /tokenize with "messages": [] once answered 500.
+    for path in ("/tokenize", "/v1/chat/completions"):
+        response = client.post(path, json={"messages": []})
+        assert response.status_code == 422, (path, response.text)
+        assert response.json()["error"]["param"] == "messages"
