@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -96,22 +96,13 @@ def _add_middleware(app: FastAPI, ctx: ServerContext) -> None:
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors()[:5]:
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        first = exc.errors()[0].get("loc", ()) if exc.errors() else ()
-        param = ".".join(str(p) for p in first if p != "body") or None
-        return error_response(422, "invalid request: " + "; ".join(problems), param)
+        return _validation_response(exc.errors())
 
     @app.exception_handler(ValidationError)
     async def invalid_inside(_: Request, exc: ValidationError) -> JSONResponse:
         # A body valid for its route but not for a model built from it later (e.g. /tokenize's
         # chat request): still the client's input, so a 422, never a 500.
-        errors = exc.errors()
-        where = ".".join(str(p) for p in errors[0]["loc"]) if errors else ""
-        message = errors[0]["msg"] if errors else str(exc)
-        return error_response(422, f"invalid request: {where}: {message}", where or None)
+        return _validation_response(exc.errors())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -130,6 +121,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def any_error(_: Request, exc: Exception) -> JSONResponse:
         status, message, param = from_exception(exc)
         return error_response(status, message, param)
+
+
+def _validation_response(errors: Sequence[Any]) -> JSONResponse:
+    """422 naming up to five problems; `param` is the first one's field."""
+    problems = []
+    for err in errors[:5]:
+        where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+        problems.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    first = errors[0].get("loc", ()) if errors else ()
+    param = ".".join(str(p) for p in first if p != "body") or None
+    return error_response(422, "invalid request: " + "; ".join(problems), param)
 
 
 def _check_capacity(ctx: ServerContext) -> None:

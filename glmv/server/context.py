@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -165,9 +165,35 @@ async def until_disconnected(request: Request, work: Awaitable[T],
             if await request.is_disconnected():
                 raise ClientDisconnected
             if deadline is not None and time.monotonic() > deadline:
-                raise HTTPError(408, f"the request ran longer than {timeout:g} s "
-                                     "(--request-timeout)")
+                raise request_timeout_error(timeout)
     finally:
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def request_timeout_error(timeout: float | None) -> HTTPError:
+    return HTTPError(408, f"the request ran longer than {timeout:g} s (--request-timeout)")
+
+
+async def with_deadline(outputs: AsyncIterator[RequestOutput],
+                        timeout: float | None) -> AsyncIterator[RequestOutput]:
+    """`outputs` until `timeout` seconds have passed, then a 408 (the stream paths' form of
+    --request-timeout; an async generator given here is closed, which aborts its request)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                if deadline is None:
+                    output = await outputs.__anext__()
+                else:
+                    output = await asyncio.wait_for(outputs.__anext__(),
+                                                    max(deadline - time.monotonic(), 0.001))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise request_timeout_error(timeout) from None
+            yield output
+    finally:
+        if isinstance(outputs, AsyncGenerator):
+            await outputs.aclose()

@@ -10,7 +10,6 @@ case (an empty `<think></think>` is prefilled), as GLM's template does when thin
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -25,7 +24,7 @@ from glmv.errors import EngineError
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.parsing import ParsedCompletion, StreamingParser, parse_completion
 from glmv.sampling_params import SamplingParams
-from glmv.server.context import ServerContext, new_id, until_disconnected
+from glmv.server.context import ServerContext, new_id, until_disconnected, with_deadline
 from glmv.server.errors import HTTPError, error_body, from_exception
 from glmv.server.protocol import ChatCompletionRequest, ChatMessage
 from glmv.server.sampling import build_sampling_params
@@ -248,7 +247,7 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
                           "logprobs": None, "finish_reason": None}])
         handle = await ctx.engine.add(plan.request_id, plan.prompt, plan.params, 0)
         try:
-            async for output in _with_timeout(handle, ctx.config.request_timeout):
+            async for output in with_deadline(handle, ctx.config.request_timeout):
                 final = output
                 if first_token is None and any(c.token_ids for c in output.outputs):
                     first_token = time.monotonic()
@@ -277,24 +276,6 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
         status, message, param = from_exception(exc)
         yield _sse(error_body(status, message, param))
     yield "data: [DONE]\n\n"
-
-
-async def _with_timeout(handle: AsyncIterator[RequestOutput],
-                        timeout: float | None) -> AsyncIterator[RequestOutput]:
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            if deadline is None:
-                output = await handle.__anext__()
-            else:
-                output = await asyncio.wait_for(handle.__anext__(),
-                                                max(deadline - time.monotonic(), 0.001))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise HTTPError(408, f"the request ran longer than {timeout:g} s "
-                                 "(--request-timeout)") from None
-        yield output
 
 
 def _delta_choice(ctx: ServerContext, plan: ChatPlan, parser: StreamingParser,

@@ -15,7 +15,7 @@ from glmv.engine.outputs import CompletionOutput, RequestOutput
 from glmv.errors import EngineError
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.sampling_params import SamplingParams
-from glmv.server.context import ServerContext, new_id, until_disconnected
+from glmv.server.context import ServerContext, new_id, until_disconnected, with_deadline
 from glmv.server.errors import HTTPError, error_body, from_exception
 from glmv.server.protocol import (
     ChatCompletionRequest,
@@ -125,8 +125,8 @@ async def _stream(ctx: ServerContext, body: CompletionRequest, model: str, reque
     finals: dict[int, RequestOutput] = {}
 
     async def pump(index: int, prompt: ProcessedPrompt) -> None:
-        async for output in ctx.engine.generate(f"{request_id}-{index}", prompt, params,
-                                                body.priority):
+        outputs = ctx.engine.generate(f"{request_id}-{index}", prompt, params, body.priority)
+        async for output in with_deadline(outputs, ctx.config.request_timeout):
             await queue.put((index, output))
 
     tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(prompts)]
@@ -248,7 +248,8 @@ def _generate_fields(body: GenerateRequest) -> SamplingFields:
 async def _generate_stream(ctx: ServerContext, request_id: str, prompt: ProcessedPrompt,
                            params: SamplingParams, tgi: bool) -> AsyncIterator[str]:
     try:
-        async for output in ctx.engine.generate(request_id, prompt, params, 0):
+        async for output in with_deadline(ctx.engine.generate(request_id, prompt, params, 0),
+                                          ctx.config.request_timeout):
             c = output.outputs[0]
             if c.error is not None:
                 raise EngineError(c.error)

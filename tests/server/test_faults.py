@@ -37,6 +37,15 @@ def test_request_timeout_ends_the_request(server_client: Any) -> None:
     error = json.loads(events[-2])["error"]
     assert error["code"] == 408 and "--request-timeout" in error["message"]
     _wait_idle(client)
+    # The other streaming routes end the same way.
+    for path, extra in (("/v1/completions", {"prompt": "Go on."}),
+                        ("/generate", {"prompt": "Go on."})):
+        streamed = client.post(path, json={"max_tokens": 3000, "ignore_eos": True,
+                                           "stream": True, **extra})
+        datas = [line[6:] for line in streamed.text.split("\n") if line.startswith("data: ")]
+        errors = [json.loads(d)["error"] for d in datas if d != "[DONE]" and "error" in d]
+        assert errors and errors[-1]["code"] == 408, (path, datas[-3:])
+        _wait_idle(client)
     engine.step_hook = None
     ok = client.post("/v1/chat/completions", json={**body, "max_tokens": 2})
     assert ok.status_code == 200
