@@ -91,10 +91,41 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+#: The longest string or list a template may build with `*`, and the most bits a power `**`
+#: may have: one such expression (`"x" * 10**9`, `10 ** 10 ** 9`) would otherwise hold the
+#: interpreter, and so every request of the server, for minutes.
+MAX_REPEAT_ITEMS = 1_000_000
+MAX_POWER_BITS = 1_000_000
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _Sandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """transformers' sandbox, with `*` and `**` bounded (a request may send its own template)."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call_binop(self, context: jinja2.runtime.Context, operator: str, left: Any,
+                   right: Any) -> Any:
+        if operator == "*":
+            count, items = (right, left) if _is_int(right) else (left, right)
+            if (_is_int(count) and isinstance(items, (str, list, tuple))
+                    and len(items) * count > MAX_REPEAT_ITEMS):
+                raise jinja2.exceptions.SecurityError(
+                    f"the template repeats a sequence to more than {MAX_REPEAT_ITEMS} items")
+        if (operator == "**" and _is_int(left) and _is_int(right)
+                and abs(left) > 1 and left.bit_length() * right > MAX_POWER_BITS):
+            raise jinja2.exceptions.SecurityError(
+                f"the template computes a power of more than {MAX_POWER_BITS} bits")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=16)
 def compile_template(source: str) -> jinja2.Template:
     """Compile once per template text; a syntax error becomes a ChatTemplateError."""
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    env = _Sandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson
@@ -175,7 +206,10 @@ def render(
         )
     except jinja2.exceptions.TemplateError as exc:
         raise ChatTemplateError(f"chat template failed to render: {exc}") from exc
-    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+    except (TypeError, AttributeError, LookupError, ValueError, ArithmeticError,
+            RecursionError) as exc:
+        # What a template can raise on odd data (a request may send its own template): range()
+        # over its limit (OverflowError), a macro calling itself, 1 / 0, a missing key.
         raise ChatTemplateError(f"chat template failed on these messages: {exc}") from exc
 
 
@@ -196,6 +230,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[Message]:
         if isinstance(content, list):
             msg["content"] = [_normalize_part(p) for p in content]
         if msg.get("tool_calls"):
+            if not isinstance(msg["tool_calls"], list):
+                raise ChatTemplateError(f"tool_calls must be a list, got {msg['tool_calls']!r}")
             msg["tool_calls"] = [_normalize_tool_call(tc) for tc in msg["tool_calls"]]
         out.append(msg)
     return out
@@ -217,7 +253,10 @@ def _normalize_tool_call(tool_call: Any) -> Any:
     if not isinstance(tool_call, Mapping):
         raise ChatTemplateError(f"tool_calls entries must be objects, got {tool_call!r}")
     call = dict(tool_call)
-    fn = dict(call.get("function") or {})
+    function = call.get("function") or {}
+    if not isinstance(function, Mapping):
+        raise ChatTemplateError(f"a tool call's function must be an object, got {function!r}")
+    fn = dict(function)
     args = fn.get("arguments")
     if isinstance(args, str):
         try:

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from glmv import __version__
 from glmv.config import DTYPE_NAMES
 from glmv.errors import GlmvError
+from glmv.server.config import DEFAULT_MAX_REQUEST_BYTES
 from glmv.tiny.variants import SIZES, VARIANTS
 
 _MIB = 1024**2
@@ -208,6 +209,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--office-timeout", type=float, default=None,
                    help="seconds a PPT/PPTX conversion through LibreOffice may take")
     p.add_argument("--chat-template", default=None, help="template file or text")
+    p.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests send their own chat_template (run sandboxed)")
     p.add_argument("--default-chat-template-kwargs", default=None,
                    help='e.g. \'{"enable_thinking": false}\'')
     p.add_argument("--mm-max-concurrent-calls", type=int, default=8,
@@ -216,8 +219,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="seconds one request's media work may take")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds a request may run before it is ended")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
+                   help="request bodies larger than this are refused with 413 (default 128 MiB)")
     p.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests in flight before new ones are refused with 503")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds in-flight requests may still run before "
+                        "they are ended (new ones are refused at once; vLLM's name)")
     p.add_argument("--reasoning-parser", default=None, help="accepted for vLLM scripts")
     p.add_argument("--tool-call-parser", default=None, help="accepted for vLLM scripts")
     p.add_argument("--enable-auto-tool-choice", action="store_true",

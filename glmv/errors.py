@@ -97,6 +97,13 @@ class QueueFullError(GlmvError):
     http_status = 503
 
 
+class ShuttingDownError(EngineError):
+    """The server is stopping: it takes no new requests, and ends those still running when the
+    engine stops or its drain deadline (`--shutdown-timeout`) passes; retry elsewhere."""
+
+    http_status = 503
+
+
 class MediaTooLargeError(MediaError):
     """An image, video or document is over a size limit (bytes, pixels, frames, seconds, pages,
     visual tokens); the message names the limit and the flag that changes it."""

@@ -7,6 +7,7 @@ test checkpoints use other ids again.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,6 +122,12 @@ class Tokenizer:
 
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry: no token covers more of a text."""
+        return max((len(token) for token in self._tok.get_vocab(with_added_tokens=True)),
+                   default=1)
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`; special-token strings in it become their single ids."""

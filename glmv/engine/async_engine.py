@@ -5,6 +5,7 @@
     add(request) --- command queue --------> add_request / abort_request
     async for out in stream  <-- per-request asyncio.Queue <-- step() outputs
     (disconnect / cancel) ---- abort ------> abort_request (blocks freed at once)
+    abort_all(error) (drain deadline) -----> every request ends with `error`; no new ones
 
 The model forward is blocking PyTorch work, so it runs off the event loop; the loop only moves
 Python objects. Media fetching and preprocessing run in a bounded thread pool of their own
@@ -26,7 +27,7 @@ from typing import Any, TypeVar
 from glmv.engine.config import EngineArgs
 from glmv.engine.llm_engine import LLMEngine
 from glmv.engine.outputs import RequestOutput
-from glmv.errors import EngineError, GlmvError, MediaError, QueueFullError
+from glmv.errors import EngineError, GlmvError, MediaError, QueueFullError, ShuttingDownError
 from glmv.multimodal.media import MediaPolicy
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.sampling_params import SamplingParams
@@ -94,12 +95,18 @@ class _Add:
     done: concurrent.futures.Future[None]
 
 
+@dataclass
+class _AbortAll:
+    error: GlmvError
+
+
 class AsyncEngine:
     """Owns an LLMEngine and the thread that steps it; safe to call from one event loop.
 
     Invariants: only the engine thread touches the LLMEngine after `start()`; every request
-    added gets exactly one finished output or one exception on its stream; a request whose
-    consumer goes away is aborted.
+    added gets exactly one finished output or one exception on its stream, and every `add()`
+    returns or raises (also when the engine thread stops or dies); a request whose consumer goes
+    away is aborted.
     """
 
     def __init__(self, engine: LLMEngine, config: AsyncEngineConfig | None = None) -> None:
@@ -108,7 +115,7 @@ class AsyncEngine:
         self.processor = engine.processor
         self.tokenizer = engine.tokenizer
         self.stats = EngineStats()
-        self._commands: queue.SimpleQueue[_Add | str | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _AbortAll | str | None] = queue.SimpleQueue()
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -116,7 +123,8 @@ class AsyncEngine:
             self.config.mm_max_concurrent_calls, thread_name_prefix="glmv-media")
         self._media_slots: asyncio.Semaphore | None = None
         self._num_pending = 0  # added but not yet finished (queue-length limit)
-        self._lock = threading.Lock()
+        self._refusal: GlmvError | None = None  # set: add() refuses new requests with it
+        self._lock = threading.Lock()  # guards _num_pending, _refusal and putting _Add commands
         self.step_hook: Callable[[], None] | None = None  # tests inject step faults here
 
     @classmethod
@@ -130,17 +138,25 @@ class AsyncEngine:
         if self._thread is not None:
             return
         self._stopping.clear()
+        self._refusal = None
         self._thread = threading.Thread(target=self._run, name="glmv-engine", daemon=True)
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; requests still running end with an EngineError."""
+        """Stop the engine thread; requests still running end with a ShuttingDownError."""
         self._stopping.set()
         self._commands.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
         self._media_pool.shutdown(wait=False, cancel_futures=True)
+
+    def abort_all(self, error: GlmvError) -> None:
+        """End every request with `error` (streams get it, KV blocks are freed) and refuse new
+        ones with it from now on: what a shutdown does when its drain deadline passes."""
+        with self._lock:
+            self._refusal = error
+            self._commands.put(_AbortAll(error))
 
     @property
     def is_alive(self) -> bool:
@@ -179,19 +195,23 @@ class AsyncEngine:
         Raises the engine's typed error when the request cannot be added (prompt too long,
         bad token ids) and QueueFullError when the server holds `max_queue_len` requests.
         """
-        if not self.is_alive:
-            raise EngineError("the engine is not running")
         stream = _Stream(asyncio.get_running_loop())
         done: concurrent.futures.Future[None] = concurrent.futures.Future()
         with self._lock:
+            # Checked and queued under the lock, so that no add slips in behind the engine
+            # thread's exit or an abort_all() and waits for an answer that never comes.
+            if not self.is_alive:
+                raise EngineError("the engine is not running")
+            if self._refusal is not None:
+                raise _copy(self._refusal)
             if self._num_pending >= self.config.max_queue_len:
                 raise QueueFullError(
                     f"the server has {self._num_pending} requests in flight, its limit "
                     "(--max-queue-len); retry later")
             self._num_pending += 1
+            self._commands.put(_Add(request_id, prompt, params, priority, stream, done))
         handle = RequestStream(self, request_id, stream)
         try:
-            self._commands.put(_Add(request_id, prompt, params, priority, stream, done))
             await asyncio.wrap_future(done)
         except BaseException:
             handle.close()
@@ -221,13 +241,33 @@ class AsyncEngine:
     # -- the engine thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            block = not self.engine.has_unfinished_requests()
-            if not self._drain_commands(block):
+        error: GlmvError = ShuttingDownError("the server is shutting down")
+        try:
+            while not self._stopping.is_set():
+                block = not self.engine.has_unfinished_requests()
+                if not self._drain_commands(block):
+                    break
+                if self.engine.has_unfinished_requests():
+                    self._step()
+        except BaseException as exc:
+            logger.exception("the engine thread failed")
+            error = EngineError(f"the engine stopped: {type(exc).__name__}: {exc}")
+            raise
+        finally:
+            self._close(error)
+
+    def _close(self, error: GlmvError) -> None:
+        """The thread is ending: refuse new adds, answer queued ones, end running requests."""
+        with self._lock:
+            self._refusal = self._refusal or error
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
                 break
-            if self.engine.has_unfinished_requests():
-                self._step()
-        self._fail_all(EngineError("the server is shutting down"))
+            if isinstance(command, _Add) and command.done.set_running_or_notify_cancel():
+                command.done.set_exception(_copy(error))
+        self._fail_all(error)
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued adds and aborts; wait for one when idle. False on shutdown."""
@@ -241,10 +281,16 @@ class AsyncEngine:
                 return False
             if isinstance(command, str):
                 self._abort(command)
+            elif isinstance(command, _AbortAll):
+                self._fail_all(command.error)
             else:
                 self._add(command)
 
     def _add(self, command: _Add) -> None:
+        if not command.done.set_running_or_notify_cancel():
+            # The caller went away (cancelled) before its request got here: nothing to add,
+            # and setting a result on a cancelled future would raise in this thread.
+            return
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params,
                                     priority=command.priority, arrival_time=time.monotonic())
@@ -282,11 +328,18 @@ class AsyncEngine:
         self._publish_stats()
 
     def _fail_all(self, error: BaseException) -> None:
-        for request_id, stream in list(self._streams.items()):
-            self.engine.abort_request(request_id)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():
             stream.put(error)
-        self._streams.clear()
-        self._publish_stats()
+        for request_id in streams:
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # a broken engine: its requests have their error already
+                logger.exception("aborting request %s failed", request_id)
+        try:
+            self._publish_stats()
+        except Exception:
+            logger.exception("reading the engine's stats failed")
 
     def _publish_stats(self) -> None:
         engine = self.engine
@@ -297,6 +350,14 @@ class AsyncEngine:
             num_kv_blocks=blocks.num_blocks, num_kv_blocks_used=blocks.num_used_blocks,
             encoder_cache_hits=cache.hits, encoder_cache_misses=cache.misses,
             num_steps=engine.num_steps, step_failures=self.stats.step_failures)
+
+
+def _copy(error: GlmvError) -> GlmvError:
+    """A fresh exception like `error`, so that each request raises its own."""
+    try:
+        return type(error)(str(error))
+    except TypeError:  # a class whose constructor takes more than a message
+        return error
 
 
 class RequestStream:

@@ -82,6 +82,7 @@ class LLMEngine:
     def __init__(self, processor: MultiModalProcessor, runner: ModelRunner,
                  scheduler_config: SchedulerConfig, cache_config: CacheConfig) -> None:
         self.processor = processor
+        processor.max_prompt_tokens = scheduler_config.max_model_len
         self.config: ModelConfig = processor.config
         self.tokenizer: Tokenizer = processor.tokenizer
         self.runner = runner

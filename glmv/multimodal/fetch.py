@@ -192,7 +192,8 @@ def _check_hop(url: httpx.URL, policy: MediaPolicy, deadline: float) -> list[IPA
             reason = forbidden_reason(ip)
             if reason is not None:
                 what = f"{host} resolves to {ip}" if host.strip("[]") != str(ip) else str(ip)
-                raise MediaError(f"media URL {shown!r} is refused: {what} is a {reason} "
+                article = "an" if reason[0] in "aeiou" else "a"
+                raise MediaError(f"media URL {shown!r} is refused: {what} is {article} {reason} "
                                  f"address ({_PRIVATE_HINT})")
     return addresses
 

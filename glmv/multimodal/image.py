@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import math
 import os
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,14 +25,15 @@ import PIL.ImageOps
 import torch
 import torch.nn.functional as F
 
-from glmv.errors import ImageError, MediaTooLargeError
+from glmv.errors import GlmvError, ImageError, MediaTooLargeError
 from glmv.multimodal.processor_config import ImageProcessorConfig, PatchConfig
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | PIL.Image.Image
 
 
 def load_image(
-    source: ImageSource, *, max_pixels: int | None = None, formats: tuple[str, ...] | None = None
+    source: ImageSource, *, max_pixels: int | None = None, formats: tuple[str, ...] | None = None,
+    check_size: Callable[[int, int], None] | None = None,
 ) -> PIL.Image.Image:
     """Decode an image (bytes, file path or PIL image), upright per its EXIF orientation.
 
@@ -43,6 +45,8 @@ def load_image(
     `max_pixels`: refuse (MediaTooLargeError) an image whose header declares more pixels, before
     any pixel is decoded; Pillow's own decompression-bomb error is refused the same way.
     `formats`: the Pillow plugins allowed to read the data (the sniffed format), None = any.
+    `check_size(height, width)`: called with the size from the header, before decoding (and
+    before the EXIF turn, so it must not care which side is which); it raises to refuse.
     """
     try:
         if isinstance(source, PIL.Image.Image):
@@ -60,18 +64,24 @@ def load_image(
             raise ImageError(f"unsupported image source type {type(source).__name__}")
         if max_pixels is not None:
             check_image_pixels(image.size, max_pixels)  # header only: nothing decoded yet
+        if check_size is not None:
+            width, height = image.size  # before the EXIF turn: the checks are symmetric
+            check_size(height, width)
         upright = PIL.ImageOps.exif_transpose(image)
         upright.load()
-    except (ImageError, MediaTooLargeError):
+    except GlmvError:
         raise
     except PIL.UnidentifiedImageError as e:
+        if formats:  # the magic number said this format, its plugin could not read the header
+            raise ImageError(
+                f"cannot decode image: the data starts like a {'/'.join(formats)} image but its "
+                "header is damaged or truncated"
+            ) from e
         raise ImageError(
             "cannot decode image: the data is not an image in a format Pillow supports"
         ) from e
     except PIL.Image.DecompressionBombError as e:
-        raise MediaTooLargeError(
-            f"image is too large to decode safely: {e} (--max-image-pixels)"
-        ) from e
+        raise _bomb_error(e, max_pixels) from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         # Pillow raises OSError("image file is truncated ...") and friends for damaged files.
         raise ImageError(f"cannot decode image: the data is truncated or corrupt ({e})") from e
@@ -79,6 +89,19 @@ def load_image(
         # Malformed files can trip other exceptions deep inside Pillow's plugins.
         raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from e
     return upright
+
+
+def _bomb_error(error: PIL.Image.DecompressionBombError,
+                max_pixels: int | None) -> MediaTooLargeError:
+    """Pillow refuses images over twice its MAX_IMAGE_PIXELS as soon as it reads the header,
+    before `check_image_pixels` can; say it with the server's limit when that one is passed."""
+    match = re.search(r"\((\d+) pixels\)", str(error))
+    pixels = int(match.group(1)) if match else None
+    if max_pixels is not None and pixels is not None and pixels > max_pixels:
+        return MediaTooLargeError(f"image is {pixels:,} pixels, more than the limit of "
+                                  f"{max_pixels:,} (--max-image-pixels)")
+    return MediaTooLargeError(f"image is too large to decode safely: {error} (Pillow's own "
+                              "limit, which --max-image-pixels cannot raise)")
 
 
 def check_image_pixels(size: tuple[int, int], max_pixels: int) -> None:

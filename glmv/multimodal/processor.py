@@ -14,6 +14,7 @@ timestamp, which is tokenized together with any text that follows it directly.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ import torch
 
 from glmv.chat_template import normalize_messages
 from glmv.config import ModelConfig
-from glmv.errors import ImageError, MediaError, PromptError, TokenizerError
+from glmv.errors import ChatTemplateError, ImageError, MediaError, PromptError, TokenizerError
 from glmv.multimodal.document import (
     DOCUMENT_PART_TYPES,
     DocumentLimits,
@@ -106,6 +107,11 @@ class ProcessedPrompt:
         return sum(i.num_embeds for i in self.mm_items if i.modality == "video")
 
 
+#: Variables the renderer sets itself, which chat_template_kwargs may not name.
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt",
+                                       "chat_template_source", "source"})
+
+
 class MultiModalProcessor:
     """The processor of one checkpoint: tokenizer, chat template, image and video settings."""
 
@@ -117,6 +123,9 @@ class MultiModalProcessor:
         self.image_config = image_config
         self.video_config = video_config
         self.media_policy = media_policy or MediaPolicy()
+        #: Tokens a prompt may have at most: the engine sets its max_model_len here (None: the
+        #: model's max_position_embeddings). Longer texts are refused before tokenizing.
+        self.max_prompt_tokens: int | None = None
         sp = tokenizer.special
         if (sp.image, sp.video) != (config.image_token_id, config.video_token_id):
             raise TokenizerError(f"tokenizer ids of <|image|>/<|video|> ({sp.image}, {sp.video}) "
@@ -134,17 +143,31 @@ class MultiModalProcessor:
 
     # ------------------------------------------------------------------ media
 
-    def load_image(self, source: ImageInput) -> PIL.Image.Image | np.ndarray:
+    def load_image(self, source: ImageInput,
+                   pixel_bounds: tuple[int, int] | None = None) -> PIL.Image.Image | np.ndarray:
         """Decode an image under the media policy: format sniffed from the bytes, pixel count
-        checked from the header before decoding (PIL images and arrays pass through)."""
+        and visual tokens checked from the header before decoding (PIL images and arrays pass
+        through)."""
         if isinstance(source, (PIL.Image.Image, np.ndarray)):
             return source
         data = source if isinstance(source, bytes) else fetch_bytes(str(source),
                                                                     self.media_policy)
+
+        def check_tokens(height: int, width: int) -> None:
+            # An image that alone cannot fit the context is refused before it is decoded (a
+            # 50-megapixel image costs ~0.5 GB and a second to decode).
+            limit = self.max_prompt_tokens
+            tokens = image_num_tokens(height, width, self.image_config, pixel_bounds)
+            if limit is not None and tokens >= limit:
+                raise PromptError(f"the image ({width}x{height}) alone fills {tokens:,} tokens, "
+                                  f"more than the model's context of {limit:,} (max_model_len) "
+                                  "holds; send it smaller or with \"detail\": \"low\"")
+
         with _named(source):
             fmt = expect_format(data, "image")
             return load_image(data, max_pixels=self.media_policy.max_image_pixels,
-                              formats=(fmt.pil_format,) if fmt.pil_format else None)
+                              formats=(fmt.pil_format,) if fmt.pil_format else None,
+                              check_size=check_tokens)
 
     def load_video(self, source: VideoInput, fps: float | None = None) -> DecodedVideo:
         """Decode the sampled frames of a video under the media policy (format sniffed, length
@@ -196,7 +219,8 @@ class MultiModalProcessor:
     def preprocess_image(self, source: ImageInput,
                          pixel_bounds: tuple[int, int] | None = None) -> ProcessedImage:
         """`pixel_bounds`: this image's (min, max) resized pixels (see `image_pixel_bounds`)."""
-        return process_image(self.load_image(source), self.image_config, pixel_bounds)
+        return process_image(self.load_image(source, pixel_bounds), self.image_config,
+                             pixel_bounds)
 
     def preprocess_video(self, source: VideoInput, fps: float | None = None) -> ProcessedVideo:
         return process_video(self.load_video(source, fps), self.video_config)
@@ -217,12 +241,29 @@ class MultiModalProcessor:
                        for i, b in zip(images, bounds, strict=True)]
         proc_videos = [v if isinstance(v, ProcessedVideo) else self.preprocess_video(v)
                        for v in videos]
+        self._check_text_length(prompt)
         ids = self.tokenizer.encode(prompt)
         return self._expand(prompt, ids, proc_images, proc_videos)
+
+    def _check_text_length(self, prompt: str) -> None:
+        """Refuse text that cannot fit before tokenizing it: tokenizing holds the interpreter
+        (10 MB took 16 s, with every other request of the server waiting), and no token covers
+        more characters than the longest vocabulary entry."""
+        limit = self.max_prompt_tokens or self.config.text.max_position_embeddings
+        if len(prompt) > limit * self.tokenizer.max_token_chars:
+            raise PromptError(f"the prompt is {len(prompt):,} characters, more than {limit} "
+                              "tokens can hold (max_model_len)")
 
     def process_token_ids(self, token_ids: Sequence[int]) -> ProcessedPrompt:
         """A prompt given as token ids, without media."""
         ids = list(token_ids)
+        # Checked here, not only by the engine: the positions below need ids that fit int64.
+        vocab = self.config.text.vocab_size
+        bad = next((t for t in ids if not (isinstance(t, numbers.Integral) and 0 <= t < vocab)),
+                   None)
+        if bad is not None:
+            raise PromptError(f"prompt token id {bad!r} is outside the vocabulary "
+                              f"(0..{vocab - 1})")
         sp = self.tokenizer.special
         if sp.image in ids or sp.video in ids:
             raise PromptError("token-id prompts cannot carry images or videos; use chat messages")
@@ -242,6 +283,10 @@ class MultiModalProcessor:
         `assistant_prefill` is text the assistant turn starts with, appended after the rendered
         generation prompt (the server forces a tool call this way); it may not carry media.
         """
+        reserved = sorted(_RESERVED_TEMPLATE_KWARGS.intersection(chat_template_kwargs or {}))
+        if reserved:
+            raise ChatTemplateError(f"chat_template_kwargs may not set {', '.join(reserved)}: "
+                                    "the request itself sets them")
         normalized = normalize_messages(messages)
         if self.tokenizer.special.answer is not None:
             normalized = [strip_glm41v_history(m) for m in normalized]

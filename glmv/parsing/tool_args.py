@@ -74,17 +74,23 @@ def schema_types(schema: Mapping[str, Any], depth: int = 0) -> set[str]:
         types.add(declared)
     elif isinstance(declared, list):
         types.update(t for t in declared if isinstance(t, str))
+    # A request's tools may hold any JSON where a list belongs ("oneOf": true): not a list,
+    # nothing to read.
     for combinator in ("anyOf", "oneOf", "allOf"):
-        for sub in schema.get(combinator) or ():
+        for sub in _list(schema.get(combinator)):
             if isinstance(sub, Mapping):
                 types |= schema_types(sub, depth + 1)
-    values = list(schema.get("enum") or ()) + ([schema["const"]] if "const" in schema else [])
+    values = _list(schema.get("enum")) + ([schema["const"]] if "const" in schema else [])
     types.update(_json_type(v) for v in values)
     if not types and "properties" in schema:
         types.add("object")
     if not types and "items" in schema:
         types.add("array")
     return types & set(_PY_TYPES)
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, (list, tuple)) else []
 
 
 def convert_argument(raw_value: str, schema: Mapping[str, Any] | None) -> Any:

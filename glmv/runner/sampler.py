@@ -231,6 +231,9 @@ def top_k_top_p_candidates(
     # never empty. top_p = 1 keeps all even when rounding makes the mass exceed 1.
     threshold = (top_p * norm).unsqueeze(1)  # [T, 1]
     keep = in_top_k & ((mass_before < threshold) | (top_p >= 1).unsqueeze(1))
+    # The top token always: a top_p that is > 0 as a Python float but rounds to 0 here (1e-320
+    # in float32) would otherwise leave nothing to draw from.
+    keep[:, 0] = True
     last_kept = values.gather(1, keep.sum(dim=-1, keepdim=True) - 1).squeeze(1)  # [T]
     fits = has_k | (mass[:, -1] >= threshold.squeeze(1))
     # A kept zero (min_p dropped it) means every token that can be drawn was seen.

@@ -21,8 +21,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 
-from glmv.errors import GlmvError, QueueFullError
+from glmv.errors import GlmvError, QueueFullError, ShuttingDownError
 from glmv.server import serving_chat, serving_completion
+from glmv.server.body_limit import BodyLimit
 from glmv.server.context import ClientDisconnected, ServerContext
 from glmv.server.errors import error_response, from_exception
 from glmv.server.protocol import (
@@ -68,6 +69,7 @@ def build_app(ctx: ServerContext) -> FastAPI:
                   description="OpenAI-compatible server for GLM-V vision-language models")
     app.state.ctx = ctx
     _add_middleware(app, ctx)
+    app.add_middleware(BodyLimit, max_bytes=ctx.config.max_request_bytes)
     _add_error_handlers(app)
     _add_routes(app, ctx)
     _add_page(app)
@@ -135,7 +137,10 @@ def _validation_response(errors: Sequence[Any]) -> JSONResponse:
 
 
 def _check_capacity(ctx: ServerContext) -> None:
-    """Refuse before any media work when the server is full (503, fast)."""
+    """Refuse before any media work when the server is full or shutting down (503, fast)."""
+    if ctx.draining:
+        raise ShuttingDownError("the server is shutting down and takes no new requests; "
+                                "retry on another instance")
     if ctx.engine.num_unfinished >= ctx.engine.config.max_queue_len:
         raise QueueFullError(f"the server is at its limit of {ctx.engine.config.max_queue_len} "
                              "requests in flight (--max-queue-len); retry later")
@@ -153,6 +158,8 @@ def _add_page(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, ctx: ServerContext) -> None:
     @app.get("/health")
     async def health() -> Response:
+        if ctx.draining:
+            return error_response(503, "the server is shutting down")
         if not ctx.engine.is_alive:
             return error_response(503, "the engine is not running")
         return Response(status_code=200)

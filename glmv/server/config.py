@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,9 @@ from glmv.errors import ConfigError
 #: Parser names accepted for vLLM launch-script compatibility; glmv picks the parser from the
 #: model, and these names select exactly that parser.
 ACCEPTED_PARSERS = ("glm45", "glm4v", "glm41v", "auto")
+#: Request bodies larger than this get 413: room for one media item of the default
+#: --max-media-bytes (64 MiB) as a base64 data URL (x 4/3), plus the rest of the request.
+DEFAULT_MAX_REQUEST_BYTES = 128 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -23,12 +27,17 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # names clients use; first is reported
     api_keys: tuple[str, ...] = ()  # any of them opens the API; empty = no key needed
     chat_template: str | None = None  # template source overriding the checkpoint's
+    # Whether a request may send its own `chat_template` (vLLM's flag): a template is code the
+    # server runs, sandboxed and bounded, but it can still spend a media worker's time.
+    trust_request_chat_template: bool = False
     default_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     reasoning_parser: str | None = None  # accepted for vLLM compatibility (see ACCEPTED_PARSERS)
     tool_call_parser: str | None = None
     enable_auto_tool_choice: bool = False  # accepted; tools are always parsed when the model has
     request_timeout: float | None = None  # seconds a request may run before it is ended
     max_queue_len: int = 1024  # requests in flight before new ones get 503
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # larger bodies get 413
+    shutdown_timeout: float = 30.0  # seconds a SIGTERM/SIGINT drain waits before ending requests
     log_requests: bool = False  # one line per finished request
 
     def __post_init__(self) -> None:
@@ -43,8 +52,13 @@ class ServerConfig:
         if self.request_timeout is not None and not self.request_timeout > 0:
             raise ConfigError(f"--request-timeout must be > 0 seconds, got "
                               f"{self.request_timeout}")
+        if not (math.isfinite(self.shutdown_timeout) and self.shutdown_timeout >= 0):
+            raise ConfigError(f"--shutdown-timeout must be a number of seconds >= 0, got "
+                              f"{self.shutdown_timeout}")
         if self.max_queue_len < 1:
             raise ConfigError(f"--max-queue-len must be >= 1, got {self.max_queue_len}")
+        if self.max_request_bytes < 1:
+            raise ConfigError(f"--max-request-bytes must be >= 1, got {self.max_request_bytes}")
         if any(not key for key in self.api_keys):
             raise ConfigError("--api-key must not be empty")
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from glmv.engine.async_engine import AsyncEngine
 from glmv.engine.outputs import PositionLogprobs, RequestOutput
@@ -58,6 +60,7 @@ class ServerContext:
         self.sampling_defaults = SamplingDefaults.from_generation_config(llm.model_path)
         self.metrics = ServerMetrics(lambda: engine.stats, lambda: engine.num_unfinished)
         self.created = int(time.time())
+        self.draining = False  # set on SIGTERM/SIGINT: new requests are refused with 503
 
     @property
     def model_name(self) -> str:
@@ -197,3 +200,25 @@ async def with_deadline(outputs: AsyncIterator[RequestOutput],
     finally:
         if isinstance(outputs, AsyncGenerator):
             await outputs.aclose()
+
+
+class EventStreamResponse(StreamingResponse):
+    """A server-sent-event response whose generator is always closed when the response ends.
+
+    Starlette stops iterating a stream when the client goes away but does not close it: if
+    the stop caught the stream waiting in `send` (which, under the HTTP middleware, is often),
+    the generator stays suspended at a `yield` with its engine request still counted in flight
+    until the garbage collector happens to finalize it, seconds to minutes later. Closing it
+    here runs its `finally` at once, which releases (aborts) the request.
+    """
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self._events = content
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if isinstance(self._events, AsyncGenerator):
+                await self._events.aclose()

@@ -1,22 +1,37 @@
-"""`glmv serve`: load the model, build the app, run uvicorn on one process."""
+"""`glmv serve`: load the model, build the app, run uvicorn on one process.
+
+Shutdown (SIGTERM or SIGINT) drains: the listening socket closes at once (new connections are
+refused) and a request that still reaches the app, on a connection opened before, gets 503;
+requests already accepted run on until they finish or `--shutdown-timeout` seconds have passed.
+At that deadline every request left ends with a 503 (a stream with an in-band error event and
+`[DONE]`), its KV blocks are freed, the engine thread stops and the process exits with status 0.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import math
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
+from types import FrameType
 
 import uvicorn
 
 from glmv.engine.async_engine import AsyncEngine, AsyncEngineConfig
 from glmv.engine.config import EngineArgs
+from glmv.errors import ShuttingDownError
 from glmv.multimodal.media import MediaPolicy
 from glmv.server.app import build_app
 from glmv.server.config import ServerConfig
 from glmv.server.context import ServerContext
 
 logger = logging.getLogger("glmv.server")
+#: Seconds past the drain deadline before uvicorn cancels whatever still runs (a request the
+#: deadline's abort cannot reach, such as one still fetching its media); a backstop only.
+_CANCEL_GRACE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -46,18 +61,53 @@ def serve(args: ServeArgs) -> None:
     url_host = f"[{host}]" if ":" in host else host
     print(f"glmv: serving {ctx.model_name!r} on http://{url_host}:{port} "
           f"(OpenAI API at /v1, max_model_len {ctx.model.max_model_len})", flush=True)
+    drain = args.server.shutdown_timeout
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=30)
-    _CleanExitServer(config).run()
+                            timeout_graceful_shutdown=math.ceil(drain + _CANCEL_GRACE_S))
+    DrainingServer(config, ctx, drain).run()
 
 
-class _CleanExitServer(uvicorn.Server):
-    """uvicorn's server, but a shutdown asked for by SIGTERM/SIGINT exits with status 0.
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server with a bounded drain on shutdown, exiting with status 0.
 
-    uvicorn re-raises the signal after its graceful shutdown, so the process would die of it
-    (status -15, or a KeyboardInterrupt traceback); a requested stop that completed cleanly is a
-    clean exit for a service manager.
+    uvicorn alone waits for open connections up to its graceful timeout and then cancels their
+    tasks, cutting streams without a word; here the requests left at the deadline are ended
+    through the engine instead, so each gets its error and its blocks back. uvicorn re-raises
+    the signal after its shutdown, so the process would die of it (status -15, or a
+    KeyboardInterrupt traceback); a requested stop that completed cleanly is a clean exit for a
+    service manager.
     """
+
+    def __init__(self, config: uvicorn.Config, ctx: ServerContext,
+                 shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.ctx = ctx
+        self.shutdown_timeout = shutdown_timeout
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.ctx.draining = True  # refuse at once, before uvicorn's loop notices the signal
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.ctx.draining = True
+        logger.info("shutting down: new requests are refused; %d in flight may run for up to "
+                    "%g s (--shutdown-timeout)", self.ctx.engine.num_unfinished,
+                    self.shutdown_timeout)
+        deadline = asyncio.get_running_loop().call_later(self.shutdown_timeout,
+                                                         self._end_remaining)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            deadline.cancel()
+
+    def _end_remaining(self) -> None:
+        left = self.ctx.engine.num_unfinished
+        if left:
+            logger.warning("--shutdown-timeout (%g s) passed: ending %d requests still in "
+                           "flight", self.shutdown_timeout, left)
+        self.ctx.engine.abort_all(ShuttingDownError(
+            f"the server is shutting down and this request did not finish within its "
+            f"--shutdown-timeout of {self.shutdown_timeout:g} s; retry it"))
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

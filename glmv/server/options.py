@@ -56,10 +56,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         served_model_names=tuple(args.served_model_name or ()),
         api_keys=api_keys(args.api_key),
         chat_template=load_chat_template(args.chat_template),
+        trust_request_chat_template=args.trust_request_chat_template,
         default_chat_template_kwargs=kwargs,
         reasoning_parser=args.reasoning_parser, tool_call_parser=args.tool_call_parser,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
-        request_timeout=args.request_timeout, max_queue_len=args.max_queue_len)
+        request_timeout=args.request_timeout, max_queue_len=args.max_queue_len,
+        max_request_bytes=args.max_request_bytes,
+        shutdown_timeout=args.shutdown_timeout)
 
 
 def media_policy(args: argparse.Namespace) -> MediaPolicy:

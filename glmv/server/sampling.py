@@ -17,6 +17,9 @@ from glmv.sampling_params import SamplingParams
 from glmv.server.protocol import SamplingFields
 
 logger = logging.getLogger(__name__)
+#: Completions per prompt a request may ask for (OpenAI's limit too). The engine builds every
+#: one of them at once, so an unbounded `n` (say 10**9) would stall its thread for all requests.
+MAX_N = 128
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,8 @@ def build_sampling_params(body: SamplingFields, defaults: SamplingDefaults, *,
     """The request's sampling settings; out-of-range values raise SamplingParamsError (400)."""
     if body.logit_bias:
         raise SamplingParamsError("logit_bias is not supported by glmv")
+    if body.n > MAX_N:
+        raise SamplingParamsError(f"n must be at most {MAX_N}, got {body.n}")
     temperature = body.temperature if body.temperature is not None else defaults.temperature
     if body.do_sample is False:
         temperature = 0.0

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from glmv.engine.outputs import CompletionOutput, RequestOutput
@@ -24,7 +24,13 @@ from glmv.errors import EngineError
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.parsing import ParsedCompletion, StreamingParser, parse_completion
 from glmv.sampling_params import SamplingParams
-from glmv.server.context import ServerContext, new_id, until_disconnected, with_deadline
+from glmv.server.context import (
+    EventStreamResponse,
+    ServerContext,
+    new_id,
+    until_disconnected,
+    with_deadline,
+)
 from glmv.server.errors import HTTPError, error_body, from_exception
 from glmv.server.protocol import ChatCompletionRequest, ChatMessage
 from glmv.server.sampling import build_sampling_params
@@ -94,12 +100,23 @@ def _forced_call(ctx: ServerContext, body: ChatCompletionRequest,
         return ""
     if not isinstance(choice, Mapping):
         raise HTTPError(400, f"tool_choice {choice!r} is not supported", "tool_choice")
-    name = (choice.get("function") or {}).get("name")
-    names = [(t.get("function") or {}).get("name") for t in tools]
+    # Any JSON may stand where a function object belongs: only objects with a string name count.
+    name = _function_name(choice)
+    if name is None:
+        raise HTTPError(400, 'tool_choice must be "none", "auto", "required" or {"type": '
+                             '"function", "function": {"name": ...}}', "tool_choice")
+    names = [_function_name(t) for t in tools]
     if name not in names:
         raise HTTPError(400, f"tool_choice names {name!r}, which is not among the tools",
                         "tool_choice")
-    return str(name)
+    return name
+
+
+def _function_name(item: Mapping[str, Any]) -> str | None:
+    """`item["function"]["name"]` when it is a string, else None."""
+    function = item.get("function")
+    name = function.get("name") if isinstance(function, Mapping) else None
+    return name if isinstance(name, str) else None
 
 
 async def prepare_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatPlan:
@@ -110,6 +127,10 @@ async def prepare_chat(ctx: ServerContext, body: ChatCompletionRequest) -> ChatP
                         "response_format")
     if body.top_logprobs is not None and not body.logprobs:
         raise HTTPError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    if body.chat_template is not None and not ctx.config.trust_request_chat_template:
+        raise HTTPError(400, "this server does not run chat templates sent with requests "
+                             "(start it with --trust-request-chat-template to allow them)",
+                        "chat_template")
     kwargs = {**ctx.config.default_chat_template_kwargs, **(body.chat_template_kwargs or {})}
     tool_choice = body.tool_choice if body.tool_choice is not None else "auto"
     tools = body.tools if body.tools and tool_choice != "none" else None
@@ -158,10 +179,10 @@ def _process_chat(ctx: ServerContext, messages: list[dict[str, Any]],
 # -- non-streaming --------------------------------------------------------------------------
 
 async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest,
-                          request: Request) -> JSONResponse | StreamingResponse:
+                          request: Request) -> JSONResponse | EventStreamResponse:
     plan = await prepare_chat(ctx, body)
     if body.stream:
-        return StreamingResponse(stream_chat(ctx, body, plan), media_type="text/event-stream")
+        return EventStreamResponse(stream_chat(ctx, body, plan))
     final, first_token = await until_disconnected(request, _collect(ctx, plan),
                                                   ctx.config.request_timeout)
     ctx.record_finished(final, plan.arrival, first_token)

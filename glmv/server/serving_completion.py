@@ -8,14 +8,20 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from starlette.requests import Request
 
 from glmv.engine.outputs import CompletionOutput, RequestOutput
 from glmv.errors import EngineError
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.sampling_params import SamplingParams
-from glmv.server.context import ServerContext, new_id, until_disconnected, with_deadline
+from glmv.server.context import (
+    EventStreamResponse,
+    ServerContext,
+    new_id,
+    until_disconnected,
+    with_deadline,
+)
 from glmv.server.errors import HTTPError, error_body, from_exception
 from glmv.server.protocol import (
     ChatCompletionRequest,
@@ -68,7 +74,7 @@ def _params(ctx: ServerContext, body: SamplingFields, max_tokens: int | None,
 
 
 async def completion(ctx: ServerContext, body: CompletionRequest,
-                     request: Request) -> JSONResponse | StreamingResponse:
+                     request: Request) -> JSONResponse | EventStreamResponse:
     model = ctx.check_model(body.model)
     if body.suffix:
         raise HTTPError(400, "suffix is not supported by GLM-V models", "suffix")
@@ -80,8 +86,7 @@ async def completion(ctx: ServerContext, body: CompletionRequest,
                      body.logprobs)
     request_id = new_id("cmpl")
     if body.stream:
-        return StreamingResponse(_stream(ctx, body, model, request_id, prompts, params),
-                                 media_type="text/event-stream")
+        return EventStreamResponse(_stream(ctx, body, model, request_id, prompts, params))
     finals = await until_disconnected(
         request, _run_all(ctx, request_id, prompts, params, body.priority),
         ctx.config.request_timeout)
@@ -195,7 +200,7 @@ async def tokenize(ctx: ServerContext, body: TokenizeRequest) -> dict[str, Any]:
 # -- MindIE /generate -----------------------------------------------------------------------
 
 async def generate(ctx: ServerContext, body: GenerateRequest,
-                   request: Request) -> JSONResponse | StreamingResponse:
+                   request: Request) -> JSONResponse | EventStreamResponse:
     """MindIE's /generate: {"prompt", flat sampling fields} -> {"text": [completion]}; the
     TGI form {"inputs", "parameters"} -> {"generated_text", "details"}."""
     tgi = body.inputs is not None
@@ -214,8 +219,7 @@ async def generate(ctx: ServerContext, body: GenerateRequest,
                                                 ctx.config.default_chat_template_kwargs))
     request_id = new_id("generate")
     if body.stream:
-        return StreamingResponse(_generate_stream(ctx, request_id, prompt, params, tgi),
-                                 media_type="text/event-stream")
+        return EventStreamResponse(_generate_stream(ctx, request_id, prompt, params, tgi))
     [final] = await until_disconnected(request, _run_all(ctx, request_id, [prompt], params, 0),
                                        ctx.config.request_timeout)
     c = final.outputs[0]

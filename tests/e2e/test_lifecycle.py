@@ -1,11 +1,16 @@
 """The server process: it refuses bad flags before loading, and a SIGTERM lets in-flight
-requests finish, then ends it with status 0."""
+requests finish, then ends it with status 0; past --shutdown-timeout the requests left are
+ended (503, in-band for streams) and requests arriving during the drain are refused."""
 
 from __future__ import annotations
 
 import json
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +67,90 @@ def test_sigterm_finishes_in_flight_streams_first(tiny_checkpoint: Any, tmp_path
     deltas = [e["choices"][0]["delta"] for e in finals if e["choices"]]
     text_chunks = sum(1 for d in deltas if d.get("content") or d.get("reasoning_content"))
     assert text_chunks > 100  # the whole reply, not cut at the signal
+
+
+def _read_http(sock: socket.socket, timeout: float, until: bytes | None = None) -> bytes:
+    """Bytes until `until` has arrived, or else until the server closes the connection."""
+    sock.settimeout(timeout)
+    data = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and (until is None or until not in data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def test_shutdown_timeout_ends_what_is_left_and_refuses_newcomers(tiny_checkpoint: Any,
+                                                                   tmp_path: Path) -> None:
+    drain = 2.0
+    log = tmp_path / "serve.log"
+    server = start_server(tiny_checkpoint("glm-4.6v-flash"), log,
+                          ["--shutdown-timeout", f"{drain:g}"])
+    port = int(server.url.rsplit(":", 1)[1])
+    # Long enough to outlast the drain by far (~3000 tokens at ~100-300 tokens/s).
+    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000,
+            "ignore_eos": True, "stream": True}
+    events: list[tuple[float, str]] = []
+    started = threading.Event()
+
+    def consume() -> None:
+        with httpx.stream("POST", server.api + "/chat/completions", json=body,
+                          timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append((time.monotonic(), line[6:]))
+                    started.set()
+
+    reader = threading.Thread(target=consume, daemon=True)
+    reader.start()
+    assert started.wait(60)
+    # A request whose headers reach the server before the signal and its body after it: it
+    # gets to the app during the drain, on a connection uvicorn keeps open, and is refused.
+    payload = json.dumps({"prompt": "Hi", "max_tokens": 2}).encode()
+    straggler = socket.create_connection(("127.0.0.1", port), timeout=10)
+    straggler.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    assert _read_http(straggler, 10, until=b"\r\n\r\n").startswith(b"HTTP/1.1 200")
+    straggler.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\n"
+                      b"Content-Length: " + str(len(payload)).encode() + b"\r\n\r\n")
+    time.sleep(0.3)  # the server reads the headers: a request is under way on it
+    signalled = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    # New requests during the drain are refused at once and never served: within ~0.1 s of
+    # the signal nothing listens any more (connection refused); before that the app answers
+    # 503 itself.
+    refused = None
+    while refused is None and time.monotonic() < signalled + 5:
+        knocked = time.monotonic()
+        try:
+            late = httpx.post(server.api + "/completions", timeout=5,
+                              json={"prompt": "Hi", "max_tokens": 2})
+        except httpx.ConnectError:
+            refused = time.monotonic() - knocked
+        else:
+            assert late.status_code == 503 and "shutting down" in late.text, late.text
+            time.sleep(0.05)
+    assert refused is not None and refused < 1.0, "new connections were not refused"
+    straggler.sendall(payload)
+    answer = _read_http(straggler, 10)
+    straggler.close()
+    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"shutting down" in answer
+    # The in-flight stream ran on through the drain, then ended with a 503 event and [DONE].
+    reader.join(drain + 20)
+    assert not reader.is_alive(), "the stream did not end"
+    status = server.process.wait(drain + 20)
+    exited = time.monotonic() - signalled
+    assert status == 0
+    assert exited < drain + 8, f"exited {exited:.1f} s after SIGTERM"
+    assert events[-1][1] == "[DONE]"
+    error = json.loads(events[-2][1])["error"]
+    assert error["code"] == 503 and "--shutdown-timeout" in error["message"]
+    during = [t for t, _ in events if signalled + 1.0 < t < signalled + drain - 0.2]
+    assert during, "the stream did not go on during the drain"
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text and "Application shutdown complete" in text
+    print(f"\ndrain: stream ended {events[-1][0] - signalled:.2f} s and the process "
+          f"{exited:.2f} s after SIGTERM (--shutdown-timeout {drain:g})")

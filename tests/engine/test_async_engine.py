@@ -228,3 +228,57 @@ def test_shutdown_ends_running_requests_with_an_error(loaded: Any) -> None:
 
     asyncio.run(main())
     assert not engine.is_alive
+
+
+def test_a_caller_gone_before_its_add_is_applied_does_not_kill_the_engine(
+        engine: AsyncEngine, loaded: Any) -> None:
+    # Regression: a client that hung up while its request still sat in the command queue
+    # cancelled the add's future; the engine thread then called set_result on it, died of
+    # InvalidStateError, and every other request hung (found by tests/reliability/test_load).
+    gate = threading.Event()
+    engine.step_hook = lambda: gate.wait(10)  # the thread is stuck in a step meanwhile
+    params = SamplingParams.greedy(max_tokens=3, ignore_eos=True)
+    first, second = prompts(loaded[0], 2)
+
+    async def main() -> tuple[list[int], str]:
+        running = asyncio.ensure_future(_collect(engine, "running", first, params))
+        await asyncio.sleep(0.2)  # "running" is in the engine, its first step blocked
+        gone = asyncio.ensure_future(engine.add("gone", second, params))
+        await asyncio.sleep(0.05)  # queued behind the blocked step
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        gate.set()
+        return await asyncio.wait_for(running, 10)
+
+    ids, _ = asyncio.run(main())
+    engine.step_hook = None
+    assert len(ids) == 3 and engine.is_alive
+    _wait_until(lambda: _all_free(engine))
+    again, _ = asyncio.run(_collect(engine, "after", second, params))
+    assert len(again) == 3
+
+
+def test_abort_all_ends_every_request_and_refuses_new_ones(engine: AsyncEngine,
+                                                           loaded: Any) -> None:
+    from glmv.errors import ShuttingDownError
+
+    engine.step_hook = lambda: time.sleep(0.01)
+    params = SamplingParams.greedy(max_tokens=500, ignore_eos=True)
+    batch = prompts(loaded[0], 3)
+
+    async def main() -> list[Any]:
+        tasks = [asyncio.ensure_future(_collect(engine, f"d{i}", p, params))
+                 for i, p in enumerate(batch)]
+        await asyncio.sleep(0.3)
+        engine.abort_all(ShuttingDownError("deadline passed"))
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        with pytest.raises(ShuttingDownError, match="deadline passed") as late:
+            await engine.add("late", batch[0], params)
+        return [*results, late.value]
+
+    results = asyncio.run(main())
+    engine.step_hook = None
+    assert all(isinstance(r, ShuttingDownError) and r.http_status == 503 for r in results)
+    _wait_until(lambda: _all_free(engine))
+    assert engine.is_alive

@@ -64,6 +64,18 @@ def test_bomb_header_is_refused_without_decoding(make: ProcFactory) -> None:
     assert "8000x8000 = 64,000,000 pixels, more than the limit of 50,000,000" in str(info.value)
 
 
+def test_an_image_too_big_for_the_context_is_refused_before_decoding(make: ProcFactory) -> None:
+    proc = make()
+    proc.max_prompt_tokens = 64  # as the engine sets it from max_model_len
+    # A header alone (no pixel data): the refusal must come before decoding would fail.
+    with pytest.raises(PromptError, match=r"fills [\d,]+ tokens, more than .* of 64 ") as info:
+        proc.process_chat(user(image_url(data_url(png_header(2000, 1500)))))
+    assert "1500x2000" in str(info.value) or "2000x1500" in str(info.value)
+    # A small image fits and is decoded as usual.
+    small = data_url(encode(picture(64, 48), "PNG"))
+    assert proc.process_chat(user(image_url(small))).num_image_tokens < 64
+
+
 def test_pixel_limit_is_exact(make: ProcFactory) -> None:
     proc = make(max_image_pixels=64 * 48)
     assert proc.preprocess_image(data_url(encode(picture(64, 48), "PNG"))).original_size == (48, 64)

@@ -117,3 +117,28 @@ def test_metrics_count_requests_tokens_and_latency(server_client: Any) -> None:
     for gauge in ("glmv_num_requests_running", "glmv_num_requests_waiting",
                   "glmv_kv_cache_blocks_used", "glmv_num_requests_in_flight"):
         assert _metric(text, gauge) == 0, gauge
+
+
+def test_oversized_bodies_are_413_before_parsing(server_client: Any) -> None:
+    client = server_client("glm-4.6v-flash", max_request_bytes=4096)
+    small = {"messages": user("hi"), "max_tokens": 1}
+    assert client.post("/v1/chat/completions", json=small).status_code == 200
+    big = {"messages": user("x" * 5000), "max_tokens": 1}
+    refused = client.post("/v1/chat/completions", json=big)
+    assert refused.status_code == 413
+    assert "--max-request-bytes" in refused.json()["error"]["message"]
+
+    def chunks(total: int) -> Any:  # no Content-Length: the body is counted as it arrives
+        yield b'{"prompt": "'
+        for _ in range(total // 1000):
+            yield b"y" * 1000
+        yield b'", "max_tokens": 1}'
+
+    chunked = client.post("/v1/completions", content=chunks(8000),
+                          headers={"content-type": "application/json"})
+    assert chunked.status_code == 413, chunked.text
+    assert "more than 4,096 bytes" in chunked.json()["error"]["message"]
+    fits = client.post("/v1/completions", content=chunks(2000),
+                       headers={"content-type": "application/json"})
+    assert fits.status_code == 200, fits.text
+    assert client.get("/health").status_code == 200

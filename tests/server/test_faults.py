@@ -72,3 +72,40 @@ def test_a_failing_step_is_a_500_for_its_requests_only(server_client: Any) -> No
     assert after.status_code == 200 and after.json()["usage"]["completion_tokens"] == 5
     metrics = client.get("/metrics").text
     assert "glmv_engine_step_failures_total 1.0" in metrics
+
+
+def test_a_stream_left_during_a_send_is_closed_at_once() -> None:
+    # Regression: Starlette stops a stream whose client left but does not close it; caught
+    # waiting in `send` (as it often is under the HTTP middleware), the generator stayed
+    # suspended with its engine request in flight until the garbage collector came by
+    # (seen as glmv_num_requests_in_flight stuck at 1 for ~90 s after a load test).
+    import asyncio
+
+    from glmv.server.context import EventStreamResponse
+
+    closed: list[bool] = []
+
+    async def events() -> Any:
+        try:
+            for i in range(100):
+                yield f"data: {i}\n\n"
+        finally:
+            closed.append(True)
+
+    async def main() -> list[bool]:
+        sent = asyncio.Event()
+
+        async def receive() -> dict[str, str]:
+            await sent.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body":
+                sent.set()
+                await asyncio.Event().wait()  # the client stopped reading, then left
+
+        scope = {"type": "http", "asgi": {"spec_version": "2.3"}}
+        await asyncio.wait_for(EventStreamResponse(events())(scope, receive, send), 5)
+        return list(closed)  # before asyncio.run's own clean-up of leftover generators
+
+    assert asyncio.run(main()) == [True]

@@ -87,13 +87,25 @@ def test_api_keys_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     (("--reasoning-parser", "deepseek_r1"), "not a GLM-V parser"),
     (("--chat-template", "/no/such/file.jinja"), "neither a file nor a template"),
     (("--request-timeout", "0"), "--request-timeout"),
+    (("--shutdown-timeout", "-1"), "--shutdown-timeout must be a number of seconds >= 0"),
+    (("--shutdown-timeout", "nan"), "--shutdown-timeout"),
 ])
 def test_bad_flags_fail_before_loading(argv: tuple[str, ...], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse(*argv)
 
 
+def test_shutdown_timeout_defaults_to_30_seconds_and_may_be_0() -> None:
+    assert parse().server.shutdown_timeout == 30.0
+    assert parse("--shutdown-timeout", "0").server.shutdown_timeout == 0.0
+
+
 def test_chat_template_from_a_file(tmp_path: Any) -> None:
     path = tmp_path / "t.jinja"
     path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}")
     assert parse("--chat-template", str(path)).server.chat_template == path.read_text()
+
+
+def test_request_chat_templates_are_off_unless_trusted() -> None:
+    assert parse().server.trust_request_chat_template is False
+    assert parse("--trust-request-chat-template").server.trust_request_chat_template is True

@@ -22,7 +22,8 @@ def client(tiny_checkpoint: Any) -> Iterator[Any]:
     # One server for the module: the routes do not change its state beyond caches.
     with ExitStack() as stack:
         yield start_client(stack, tiny_checkpoint, "glm-4.6v",
-                           served_model_names=("glm-tiny", "alias"))
+                           served_model_names=("glm-tiny", "alias"),
+                           trust_request_chat_template=True)
 
 
 def chat(client: Any, **body: Any) -> dict[str, Any]:
@@ -181,3 +182,61 @@ def test_empty_message_lists_are_422_everywhere(client: Any) -> None:
         response = client.post(path, json={"messages": []})
         assert response.status_code == 422, (path, response.text)
         assert response.json()["error"]["param"] == "messages"
+
+
+def test_hostile_numbers_are_400_or_served(client: Any) -> None:
+    # Found by fuzzing (tests/reliability/test_fuzz_api.py): token ids past int64 answered
+    # 500, a 10 MB prompt held the server for a minute while it was tokenized, n = 10**9
+    # stalled the engine thread for every request, and a top_p that is 0 in float32 failed the
+    # engine step (500).
+    for ids in ([[5, 2**70]], [7, -1], [10**9]):
+        bad = client.post("/v1/completions", json={"prompt": ids, "max_tokens": 1})
+        assert bad.status_code == 400, (ids, bad.text)
+        assert "outside the vocabulary" in bad.json()["error"]["message"]
+    long = client.post("/v1/completions", json={"prompt": "x" * 10**7, "max_tokens": 1})
+    assert long.status_code == 400 and "10,000,000 characters" in long.text
+    many = client.post("/v1/completions", json={"prompt": "Hi", "n": 10**9, "max_tokens": 1})
+    assert many.status_code == 400 and "n must be at most 128" in many.text
+    for top_p in (1e-320, 1e-46):
+        tiny = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3,
+                                                    "temperature": 1.0, "top_p": top_p,
+                                                    "ignore_eos": True})
+        assert tiny.status_code == 200, tiny.text
+        assert tiny.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{}], "tool_choice": {"type": "function", "function": "x"}},
+    {"tools": [{"function": [1]}], "tool_choice": {"function": {"name": "a"}}},
+    {"tools": [{"function": {"name": 5}}], "tool_choice": {"function": {"name": 5}}},
+    {"chat_template_kwargs": {"tools": 1}},
+    {"chat_template_kwargs": {"messages": [], "source": "x"}},
+    {"chat_template_kwargs": {"add_generation_prompt": False}},
+    {"chat_template": "{% for i in range(10**8) %}x{% endfor %}"},
+    {"chat_template": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"},
+    {"chat_template": "{{ 1 / 0 }}"},
+    {"chat_template": "{{ 'x' * 10**9 }}"},
+    {"chat_template": "{% set n = 10**8 %}{{ 10 ** n }}"},
+    {"chat_template": "{{ 'xy' * 400000 }}"},
+], ids=["choice-function-not-object", "tool-function-not-object", "non-string-name",
+        "kwargs-tools", "kwargs-messages-source", "kwargs-generation-prompt", "huge-range",
+        "recursion", "division-by-zero", "huge-string", "huge-power", "longer-than-fits"])
+def test_odd_tools_and_templates_are_400(client: Any, extra: dict[str, Any]) -> None:
+    # Found by fuzzing: each of these answered 500 (AttributeError, TypeError, OverflowError,
+    # RecursionError), or held the whole server for minutes (a 1 GB string, a 100-million-digit
+    # power, a 10 MB prompt being tokenized).
+    response = client.post("/v1/chat/completions", json={"messages": user("x"),
+                                                         "max_tokens": 2, **extra})
+    assert response.status_code == 400, response.text
+
+
+def test_request_templates_need_the_trust_flag(server_client: Any) -> None:
+    untrusting = server_client("glm-4.6v-flash")
+    body = {"messages": user("x"), "max_tokens": 1, "chat_template": "{{ messages[0].content }}"}
+    refused = untrusting.post("/v1/chat/completions", json=body)
+    assert refused.status_code == 400
+    assert "--trust-request-chat-template" in refused.json()["error"]["message"]
+    counted = untrusting.post("/tokenize", json={"messages": user("x"), "chat_template": "x"})
+    assert counted.status_code == 400
+    body.pop("chat_template")
+    assert untrusting.post("/v1/chat/completions", json=body).status_code == 200
