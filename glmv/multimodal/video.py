@@ -324,21 +324,29 @@ def _open(
     if isinstance(source, (bytes, bytearray, memoryview)):
         if len(source) == 0:
             raise VideoError("video data is empty")
-        target: io.BytesIO | str = io.BytesIO(bytes(source))
+        target: io.BytesIO | io.BufferedReader = io.BytesIO(bytes(source))
     elif isinstance(source, (str, os.PathLike)):
         if not Path(source).is_file():
             raise VideoError(f"video file not found: {source}")
-        target = os.fspath(source)
+        # Opened here, not by FFmpeg by name, and with O_NOFOLLOW: a path checked against
+        # --allowed-local-media-path that was swapped for a symlink since is refused.
+        try:
+            fd = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as e:
+            raise VideoError(f"cannot open video file {os.fspath(source)!r}: {e}") from e
+        target = os.fdopen(fd, "rb")
     else:
         raise VideoError(f"unsupported video source type {type(source).__name__}")
-    try:
-        container = av.open(target, mode="r", format=container_format)
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        raise VideoError(f"cannot open video: the data is not a readable video file ({e})") from e
-    try:
-        yield container
-    finally:
-        container.close()
+    with target:
+        try:
+            container = av.open(target, mode="r", format=container_format)
+        except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
+            raise VideoError(
+                f"cannot open video: the data is not a readable video file ({e})") from e
+        try:
+            yield container
+        finally:
+            container.close()
 
 
 def _video_stream(container: av.container.InputContainer) -> av.VideoStream:

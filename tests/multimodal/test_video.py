@@ -414,3 +414,16 @@ def test_decoded_video_contract(write_video: WriteVideo) -> None:
     assert processed.tokens_per_frame * processed.grid_thw[0] == processed.num_tokens
     with pytest.raises(VideoError, match="frame indices"):
         process_video(replace(decoded, frame_indices=decoded.frame_indices[:-1]), config)
+
+
+def test_a_video_path_that_became_a_symlink_is_not_followed(tmp_path: Path) -> None:
+    # The path was checked against the allowed folders; if it is a symlink by the time it is
+    # opened (swapped in since), the open fails instead of reading whatever it points to.
+    from tests.helpers import write_mp4
+
+    real = write_mp4(tmp_path / "real.mp4")
+    assert probe_video(real).total_num_frames == 8
+    link = tmp_path / "link.mp4"
+    link.symlink_to(real)
+    with pytest.raises(VideoError, match="cannot open video file"):
+        probe_video(link)
