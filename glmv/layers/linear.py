@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmv.distributed.parallel_state import TPGroup, get_tp_group
+from glmv.errors import ConfigError
+
 
 class ShapeMismatch(ValueError):
     """A checkpoint tensor does not fit its parameter (the loader adds the tensor's name)."""
@@ -44,11 +47,14 @@ class Linear(nn.Module):
         self.packed_weight: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._product(x, self.bias)
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed_weight is not None:
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features),
-                                                   self.packed_weight, self.bias, "none", [], "")
+                                                   self.packed_weight, bias, "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, bias)
 
 
 class MergedLinear(Linear):
@@ -114,3 +120,111 @@ def pack_linear_weights(model: nn.Module) -> int:
             weight.data = torch.empty(0, dtype=weight.dtype)
         count += 1
     return count
+
+
+# -- tensor parallelism ---------------------------------------------------------------------
+#
+# Megatron's split: a column-parallel layer keeps a slice of the output features on each rank
+# (no communication: its output stays sharded), a row-parallel layer a slice of the input
+# features (its partial products are summed over the group). Attention and MLP then need one
+# all-reduce each: qkv and gate_up are column-parallel, o_proj and down_proj row-parallel.
+# Each layer's weight loader takes the full checkpoint tensor and keeps this rank's slice.
+
+
+def _narrowed(loaded: torch.Tensor, dim: int, index: int, size: int) -> torch.Tensor:
+    """Slice `index` of `loaded` along `dim` in pieces of `size`, checking the full extent."""
+    return loaded.narrow(dim, index * size, size) if loaded.shape[dim] >= (index + 1) * size \
+        else loaded  # too short: copy_checked reports the checkpoint's shape
+
+
+class ColumnParallelLinear(Linear):
+    """Output features split over the tensor-parallel group; the output stays sharded
+    (`gather_output=True` concatenates it on every rank)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 gather_output: bool = False, tp: TPGroup | None = None) -> None:
+        self.tp = tp or get_tp_group()
+        super().__init__(in_features, self.tp.shard(out_features, "output features"), bias)
+        self.full_out_features = out_features
+        self.gather_output = gather_output
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.weight_loader = self._load_rows  # type: ignore[attr-defined]
+
+    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        copy_checked(param.data, _narrowed(loaded, 0, self.tp.rank, param.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return self.tp.all_gather(y) if self.gather_output else y
+
+
+class MergedColumnParallelLinear(MergedLinear):
+    """Stacked projections (gate|up) with each one's output split over the group: every rank
+    holds its slice of gate followed by its slice of up."""
+
+    def __init__(self, in_features: int, shard_sizes: Sequence[tuple[object, int]],
+                 bias: bool = False, tp: TPGroup | None = None) -> None:
+        self.tp = tp or get_tp_group()
+        local = [(shard_id, self.tp.shard(size, f"projection {shard_id!r}"))
+                 for shard_id, size in shard_sizes]
+        super().__init__(in_features, local, bias)
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        _, size = self.shard_offsets[shard_id]
+        super()._load_shard(param, _narrowed(loaded, 0, self.tp.rank, size), shard_id)
+
+
+class QKVParallelLinear(MergedLinear):
+    """q|k|v with the attention heads split over the group: num_heads / tp query heads per rank;
+    KV heads split too, or, when there are fewer KV heads than ranks, each replicated on
+    tp / num_kv_heads ranks (rank r holds KV head r * num_kv_heads // tp)."""
+
+    def __init__(self, in_features: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp: TPGroup | None = None) -> None:
+        self.tp = tp = tp or get_tp_group()
+        self.num_heads = tp.shard(num_heads, "attention heads")
+        if num_kv_heads >= tp.size:
+            self.num_kv_heads = tp.shard(num_kv_heads, "KV heads")
+            self.kv_index = tp.rank
+        else:
+            if tp.size % num_kv_heads:
+                raise ConfigError(f"the tensor-parallel size ({tp.size}) is not a multiple of "
+                                  f"the KV heads ({num_kv_heads}) it would replicate")
+            self.num_kv_heads = 1
+            self.kv_index = tp.rank * num_kv_heads // tp.size
+        self.head_dim = head_dim
+        super().__init__(in_features, [("q", self.num_heads * head_dim),
+                                       ("k", self.num_kv_heads * head_dim),
+                                       ("v", self.num_kv_heads * head_dim)], bias)
+
+    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        _, size = self.shard_offsets[shard_id]
+        index = self.tp.rank if shard_id == "q" else self.kv_index
+        super()._load_shard(param, _narrowed(loaded, 0, index, size), shard_id)
+
+
+class RowParallelLinear(Linear):
+    """Input features split over the group; the partial products are summed (all-reduce) and
+    the bias, held whole by every rank, is added once after the sum. `input_is_parallel`: the
+    input arrives already sharded (from a column-parallel layer); otherwise this rank takes its
+    slice of the full input."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 input_is_parallel: bool = True, tp: TPGroup | None = None) -> None:
+        self.tp = tp or get_tp_group()
+        super().__init__(self.tp.shard(in_features, "input features"), out_features, bias)
+        self.full_in_features = in_features
+        self.input_is_parallel = input_is_parallel
+        self.weight.weight_loader = self._load_columns  # type: ignore[attr-defined]
+
+    def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        copy_checked(param.data, _narrowed(loaded, 1, self.tp.rank, param.shape[1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel and self.tp.size > 1:
+            x = x.narrow(-1, self.tp.rank * self.in_features, self.in_features)
+        if self.tp.size == 1:
+            return self._product(x, self.bias)
+        y = self.tp.all_reduce(self._product(x, None))
+        return y if self.bias is None else y + self.bias

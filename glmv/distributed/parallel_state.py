@@ -1,0 +1,88 @@
+"""Process groups for tensor parallelism, over torch.distributed (gloo on CPU, NCCL on CUDA).
+
+One process per rank. `init_distributed` joins the world (torchrun's environment variables or
+an explicit init method) and makes the whole world the tensor-parallel group; layers built
+afterwards read their rank and group size from `get_tp_group()`. Without it, every process is
+a group of one and the collectives are no-ops, so single-device code runs unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from glmv.errors import ConfigError
+
+#: Environment variables of torchrun's launch protocol that `init_distributed` honours.
+TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    """This process's place in its tensor-parallel group, and the group's collectives."""
+
+    rank: int = 0
+    size: int = 1
+    group: dist.ProcessGroup | None = None  # None: a group of one (no communication)
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the group, in place; returns it."""
+        if self.size > 1:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def all_gather(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """The ranks' `x` concatenated along `dim`, in rank order (same shape on every rank)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim)
+
+    def shard(self, total: int, what: str) -> int:
+        """`total` split evenly over the group: this rank's share; ConfigError if uneven."""
+        if total % self.size:
+            raise ConfigError(f"{what} ({total}) is not divisible by the tensor-parallel size "
+                              f"({self.size})")
+        return total // self.size
+
+
+_TP = TPGroup()
+
+
+def get_tp_group() -> TPGroup:
+    return _TP
+
+
+def init_distributed(world_size: int | None = None, rank: int | None = None,
+                     init_method: str = "env://", backend: str | None = None) -> TPGroup:
+    """Join the process group and make it the tensor-parallel group.
+
+    `world_size` / `rank` default to $WORLD_SIZE / $RANK (torchrun); `backend` to NCCL when
+    CUDA is available, else gloo. A world of one needs no process group at all.
+    """
+    global _TP
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"rank {rank} does not fit a world of size {world_size}")
+    if world_size == 1:
+        _TP = TPGroup()
+        return _TP
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend, init_method=init_method, world_size=world_size,
+                                rank=rank)
+    _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD)
+    return _TP
+
+
+def destroy_distributed() -> None:
+    """Leave the process group (if any); the tensor-parallel group is one process again."""
+    global _TP
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _TP = TPGroup()
