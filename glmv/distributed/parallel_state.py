@@ -26,7 +26,7 @@ class TPGroup:
 
     rank: int = 0
     size: int = 1
-    group: dist.ProcessGroup | None = None  # None: a group of one (no communication)
+    group: dist.ProcessGroup | None = None  # None: the default group (or, size 1, none)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; returns it."""
@@ -76,7 +76,11 @@ def init_distributed(world_size: int | None = None, rank: int | None = None,
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, init_method=init_method, world_size=world_size,
                                 rank=rank)
-    _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=dist.group.WORLD)
+    # group None: the collectives use the default (whole-world) group. Holding no reference to
+    # it keeps its lifetime torch's own: a process-group object that outlives
+    # destroy_process_group (say, in a layer freed only at exit) is torn down after gloo's
+    # transport and aborts the process.
+    _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=None)
     return _TP
 
 
@@ -84,5 +88,8 @@ def destroy_distributed() -> None:
     """Leave the process group (if any); the tensor-parallel group is one process again."""
     global _TP
     if dist.is_initialized():
+        # Every rank gets here before any tears its connections down: a rank that left while
+        # a peer was still in a collective would make the peer's transport abort the process.
+        dist.barrier()
         dist.destroy_process_group()
     _TP = TPGroup()
