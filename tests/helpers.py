@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import http.server
+import threading
 from typing import Any
 
 import torch
@@ -62,3 +64,22 @@ def write_mp4(path: Any, num_frames: int = 8, width: int = 64, height: int = 48,
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
     return path
+
+
+class ServerThreads:
+    """HTTP servers each serving on a thread of its own, for a test; `stop()` ends them all."""
+
+    def __init__(self) -> None:
+        self.running: list[tuple[http.server.HTTPServer, threading.Thread]] = []
+
+    def start(self, httpd: http.server.HTTPServer, poll_interval: float = 0.02) -> None:
+        thread = threading.Thread(target=httpd.serve_forever,
+                                  kwargs={"poll_interval": poll_interval}, daemon=True)
+        thread.start()
+        self.running.append((httpd, thread))
+
+    def stop(self) -> None:
+        for httpd, thread in self.running:
+            httpd.shutdown()
+            httpd.server_close()
+            thread.join(timeout=5)

@@ -15,7 +15,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ import pytest
 from glmv.errors import MediaError, MediaTooLargeError
 from glmv.multimodal import fetch
 from glmv.multimodal.media import MediaPolicy, fetch_bytes
+from tests.helpers import ServerThreads
 
 PAYLOAD = bytes(range(256)) * 4
 PRIVATE_OK = MediaPolicy(allow_private_network=True, timeout_s=5)
@@ -124,7 +124,7 @@ def _handler(server: Server) -> type[http.server.BaseHTTPRequestHandler]:
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Server]]:
     """Start servers: `serve(host="127.0.0.1", tls=None)`; all are stopped after the test."""
-    running: list[tuple[http.server.ThreadingHTTPServer, threading.Thread]] = []
+    threads = ServerThreads()
 
     def start(host: str = "127.0.0.1", tls: ssl.SSLContext | None = None) -> Server:
         server = Server(host)
@@ -137,17 +137,11 @@ def serve() -> Iterator[Callable[..., Server]]:
             tls.sni_callback = record_sni
             httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
         server.port = httpd.server_address[1]
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.02},
-                                  daemon=True)
-        thread.start()
-        running.append((httpd, thread))
+        threads.start(httpd)
         return server
 
     yield start
-    for httpd, thread in running:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    threads.stop()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import http.server
 import io
 import os
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ import PIL.Image
 import pytest
 
 from tests.e2e.conftest import Server
+from tests.helpers import ServerThreads
 
 
 def png_bytes() -> bytes:
@@ -94,7 +94,7 @@ class _IPv6Server(http.server.ThreadingHTTPServer):
 @pytest.fixture(scope="module")
 def origins() -> Iterator[Callable[[str, int], Origin]]:
     """`start(host, port=0)` -> a counting server; all are stopped at the end of the module."""
-    running: list[tuple[http.server.ThreadingHTTPServer, threading.Thread]] = []
+    threads = ServerThreads()
 
     def start(host: str, port: int = 0) -> Origin:
         origin = Origin(host)
@@ -102,17 +102,11 @@ def origins() -> Iterator[Callable[[str, int], Origin]]:
         httpd = server_class((host, port), _handler(origin))
         httpd.daemon_threads = True
         origin.port = httpd.server_address[1]
-        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                  daemon=True)
-        thread.start()
-        running.append((httpd, thread))
+        threads.start(httpd, poll_interval=0.05)
         return origin
 
     yield start
-    for httpd, thread in running:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(timeout=5)
+    threads.stop()
 
 
 def chat(server: Server, part: dict[str, Any]) -> httpx.Response:
