@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
-from glmv.layers.linear import ShapeMismatch
+from glmv.layers.linear import ColumnParallelLinear, ShapeMismatch
 
 
 class VocabEmbedding(nn.Module):
@@ -23,9 +23,22 @@ class VocabEmbedding(nn.Module):
 
 def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 64) -> int:
     """The vocabulary padded so that every rank holds the same number of rows, a multiple of
-    `multiple` (vLLM pads the same way)."""
+    `multiple` (vLLM pads the same way); unpadded on one device."""
+    if tp_size == 1:
+        return vocab_size
     step = multiple * tp_size
     return -(-vocab_size // step) * step
+
+
+def load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, start: int,
+                    vocab_size: int) -> None:
+    """Rows start.. of a [vocab_size, hidden] checkpoint table into a rank's slice; the slice's
+    rows past the vocabulary (padding) are zero."""
+    if loaded.shape != (vocab_size, param.shape[1]):
+        raise ShapeMismatch(tuple(loaded.shape), (vocab_size, param.shape[1]))
+    real = max(0, min(param.shape[0], vocab_size - start))
+    param.data[real:].zero_()
+    param.data[:real].copy_(loaded[start:start + real])
 
 
 class VocabParallelEmbedding(VocabEmbedding):
@@ -47,11 +60,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         self.weight.weight_loader = self._load_rows  # type: ignore[attr-defined]
 
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
-        if loaded.shape != (self.vocab_size, param.shape[1]):
-            raise ShapeMismatch(tuple(loaded.shape), (self.vocab_size, param.shape[1]))
-        real = max(0, min(self.rows, self.vocab_size - self.start))
-        param.data[real:].zero_()
-        param.data[:real].copy_(loaded[self.start:self.start + real])
+        load_vocab_rows(param, loaded, self.start, self.vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:
@@ -63,10 +72,19 @@ class VocabParallelEmbedding(VocabEmbedding):
         return self.tp.all_reduce(out)
 
 
-class ParallelLMHead(VocabParallelEmbedding):
-    """The LM head split by vocabulary rows like the embedding (so a tied head shares its
-    slice); `logits` gathers the ranks' slices and drops the padding columns."""
+class ParallelLMHead(ColumnParallelLinear):
+    """The LM head split by vocabulary rows like the embedding (a tied head shares its slice);
+    the logits are gathered on every rank, padding columns dropped. Whole at size 1."""
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        local = F.linear(hidden, self.weight)
-        return self.tp.all_gather(local)[..., :self.vocab_size]
+    def __init__(self, hidden_size: int, vocab_size: int, tp: TPGroup | None = None) -> None:
+        tp = tp or get_tp_group()
+        self.vocab_size = vocab_size
+        super().__init__(hidden_size, padded_vocab_size(vocab_size, tp.size), bias=False,
+                         gather_output=True, tp=tp)
+
+    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        load_vocab_rows(param, loaded, self.tp.rank * param.shape[0], self.vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = super().forward(x)
+        return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]

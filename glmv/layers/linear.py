@@ -161,16 +161,31 @@ class ColumnParallelLinear(Linear):
 
 class MergedColumnParallelLinear(MergedLinear):
     """Stacked projections (gate|up) with each one's output split over the group: every rank
-    holds its slice of gate followed by its slice of up."""
+    holds its slice of gate followed by its slice of up.
+
+    `prepacked`: the checkpoint stores the projections already stacked in one tensor (the
+    glm4v decoder's gate_up_proj), loaded whole (shard id None) and cut here.
+    """
 
     def __init__(self, in_features: int, shard_sizes: Sequence[tuple[object, int]],
-                 bias: bool = False, tp: TPGroup | None = None) -> None:
+                 bias: bool = False, prepacked: bool = False, tp: TPGroup | None = None) -> None:
         self.tp = tp or get_tp_group()
         local = [(shard_id, self.tp.shard(size, f"projection {shard_id!r}"))
                  for shard_id, size in shard_sizes]
         super().__init__(in_features, local, bias)
+        if prepacked:
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    param.shard_ids = (None,)  # type: ignore[attr-defined]
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+        if shard_id is None:  # the stacked tensor: each projection in turn
+            full = [size * self.tp.size for _, size in self.shard_offsets.values()]
+            if loaded.shape[0] != sum(full):
+                raise ShapeMismatch(tuple(loaded.shape), (sum(full), *param.shape[1:]))
+            for piece, sid in zip(loaded.split(full, dim=0), self.shard_offsets, strict=True):
+                self._load_shard(param, piece, sid)
+            return
         _, size = self.shard_offsets[shard_id]
         super()._load_shard(param, _narrowed(loaded, 0, self.tp.rank, size), shard_id)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from glmv.layers.activation import silu_and_mul
-from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
@@ -18,9 +18,10 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, width: int, prepacked: bool = False) -> None:
         super().__init__()
-        self.gate_up_proj = (Linear(hidden_size, 2 * width) if prepacked
-                             else MergedLinear(hidden_size, [(0, width), (1, width)]))
-        self.down_proj = Linear(width, hidden_size)
+        # Split over the tensor-parallel group (one all-reduce, in down_proj); whole at size 1.
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [(0, width), (1, width)],
+                                                       prepacked=prepacked)
+        self.down_proj = RowParallelLinear(width, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

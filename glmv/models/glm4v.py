@@ -22,8 +22,8 @@ from torch import nn
 from glmv.attention.metadata import AttentionMetadata
 from glmv.config import ModelConfig, TextConfig
 from glmv.layers.attention import Attention
-from glmv.layers.embedding import VocabEmbedding
-from glmv.layers.linear import Linear, MergedLinear
+from glmv.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from glmv.layers.linear import QKVParallelLinear, RowParallelLinear
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm, add_rms_norm, norm_add
 from glmv.layers.rotary import MRotaryEmbedding
@@ -64,14 +64,13 @@ class Glm4vTextAttention(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        # Heads split over the tensor-parallel group (all of them on one device).
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads,
+                                          cfg.num_key_value_heads, bias=cfg.attention_bias)
+        self.num_heads = self.qkv_proj.num_heads  # on this rank
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.qkv_proj = MergedLinear(
-            cfg.hidden_size, [("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)],
-            bias=cfg.attention_bias,
-        )
-        self.o_proj = Linear(cfg.q_size, cfg.hidden_size)
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size)
         self.attn = Attention(scale=self.head_dim**-0.5)
 
     def forward(self, h: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
@@ -115,7 +114,7 @@ class Glm4vTextModel(nn.Module):
     def __init__(self, cfg: TextConfig, layers: list[nn.Module]) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section,
@@ -151,7 +150,7 @@ class Glm4vForConditionalGeneration(nn.Module):
         text = cfg.text
         layers = [self.make_layer(text, i) for i in range(text.num_hidden_layers)]
         self.model = Glm4vModel(cfg, Glm4vTextModel(text, layers))
-        self.lm_head = Linear(text.hidden_size, text.vocab_size)
+        self.lm_head = ParallelLMHead(text.hidden_size, text.vocab_size)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
 

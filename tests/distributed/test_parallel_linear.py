@@ -124,13 +124,14 @@ def _check_layers(tp: TPGroup) -> None:
     # Embedding and LM head over a vocabulary that does not split evenly (padded).
     vocab = 100
     table = torch.randn(vocab, HIDDEN)
-    embed, head = VocabParallelEmbedding(vocab, HIDDEN, tp=tp), ParallelLMHead(vocab, HIDDEN, tp=tp)
+    embed, head = VocabParallelEmbedding(vocab, HIDDEN, tp=tp), ParallelLMHead(HIDDEN, vocab, tp=tp)
     assert embed.weight.shape[0] * tp.size == padded_vocab_size(vocab, tp.size) >= vocab
+    assert head.weight.shape == embed.weight.shape  # a tied head can share the slice
     _load(embed, "weight", table)
     _load(head, "weight", table)
     ids = torch.tensor([[0, 1, 63, 64, 99], [98, 50, 2, 64, 0]])
     torch.testing.assert_close(embed(ids), F.embedding(ids, table))
-    torch.testing.assert_close(head.logits(x), x @ table.T)
+    torch.testing.assert_close(head(x), x @ table.T)
 
 
 def _worker(rank: int, world_size: int, rendezvous: str) -> None:

@@ -1,0 +1,62 @@
+"""The models split over two gloo ranks: the logits of every prompt position (float32) equal
+those of the whole model on one process, for text and an image, dense and MoE.
+
+On the MoE model the routed experts are not split yet (each rank holds all of them and computes
+the same result); its attention, dense layers, shared experts, embedding and LM head are."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from glmv.distributed.parallel_state import destroy_distributed, init_distributed
+from glmv.models.loader import load_model
+from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
+from tests.helpers import glmv_logits
+
+
+def _prompts(checkpoint: Path) -> list[ProcessedPrompt]:
+    processor = MultiModalProcessor.from_pretrained(checkpoint)
+    pixels = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
+    image = PIL.Image.fromarray(pixels)
+    return [
+        processor.process_chat([{"role": "user", "content": "Say something about tensors."}]),
+        processor.process_chat([{"role": "user", "content": [
+            {"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]),
+    ]
+
+
+def _logits(checkpoint: Path, world_size: int = 1) -> list[torch.Tensor]:
+    model = load_model(checkpoint, dtype="float32", progress=False)
+    text = model.config.text
+    attention = model.model.language_model.layers[0].self_attn
+    assert attention.num_heads == text.num_attention_heads // world_size  # really split
+    assert model.lm_head.weight.shape[0] * world_size >= text.vocab_size
+    return [glmv_logits(model, prompt) for prompt in _prompts(checkpoint)]
+
+
+def _worker(rank: int, port: int, checkpoint: Path, expected: list[torch.Tensor]) -> None:
+    torch.set_num_threads(1)
+    init_distributed(2, rank, init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    try:
+        for got, want in zip(_logits(checkpoint, 2), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    finally:
+        destroy_distributed()
+
+
+@pytest.mark.parametrize("variant", ["glm-4.6v-flash", "glm-4.5v"])
+def test_two_ranks_give_the_logits_of_one(variant: str, tiny_checkpoint: Any) -> None:
+    checkpoint = tiny_checkpoint(variant)
+    expected = _logits(checkpoint)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_worker, args=(port, checkpoint, expected), nprocs=2, join=True)
