@@ -27,6 +27,9 @@ class TPGroup:
     rank: int = 0
     size: int = 1
     group: dist.ProcessGroup | None = None  # None: the default group (or, size 1, none)
+    # MoE experts: False splits every expert's intermediate width over the ranks (tensor
+    # parallel); True places whole experts on ranks, num_experts / size each (expert parallel).
+    expert_parallel: bool = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; returns it."""
@@ -58,11 +61,13 @@ def get_tp_group() -> TPGroup:
 
 
 def init_distributed(world_size: int | None = None, rank: int | None = None,
-                     init_method: str = "env://", backend: str | None = None) -> TPGroup:
+                     init_method: str = "env://", backend: str | None = None,
+                     enable_expert_parallel: bool = False) -> TPGroup:
     """Join the process group and make it the tensor-parallel group.
 
     `world_size` / `rank` default to $WORLD_SIZE / $RANK (torchrun); `backend` to NCCL when
     CUDA is available, else gloo. A world of one needs no process group at all.
+    `enable_expert_parallel`: MoE experts are placed whole on ranks instead of each split.
     """
     global _TP
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
@@ -80,7 +85,8 @@ def init_distributed(world_size: int | None = None, rank: int | None = None,
     # it keeps its lifetime torch's own: a process-group object that outlives
     # destroy_process_group (say, in a layer freed only at exit) is torn down after gloo's
     # transport and aborts the process.
-    _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=None)
+    _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=None,
+                  expert_parallel=enable_expert_parallel)
     return _TP
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmv.config import MoEConfig
+from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.layers.activation import silu_and_mul
 from glmv.layers.linear import copy_checked
 
@@ -48,30 +49,67 @@ class TopkRouter(nn.Module):
 
 
 class FusedExperts(nn.Module):
-    """All routed experts' weights stacked: w13 [E, 2 * I, hidden] (gate; up), w2 [E, hidden, I]."""
+    """All routed experts' weights stacked: w13 [E, 2 * I, hidden] (gate; up), w2 [E, hidden, I].
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    Over a tensor-parallel group of size T (the tokens are the same on every rank, and the
+    ranks' partial outputs are summed): each expert's intermediate width split (I / T per rank),
+    or, with expert parallel, whole experts placed on ranks (E / T each: rank r holds experts
+    r * E / T onwards and adds nothing for tokens routed elsewhere).
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
+        self.tp = tp = tp or get_tp_group()
         self.num_experts = num_experts
-        self.intermediate_size = intermediate_size
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # Checkpoints store experts one by one: shard (e, "gate"|"up") of w13, (e, "down") of w2.
+        if tp.expert_parallel:
+            local_experts = tp.shard(num_experts, "routed experts")
+            self.first_expert = tp.rank * local_experts
+            self.intermediate_size = intermediate_size
+        else:
+            local_experts = num_experts
+            self.first_expert = 0
+            self.intermediate_size = tp.shard(intermediate_size, "the experts' intermediate size")
+        self.local_experts = local_experts
+        width = self.intermediate_size
+        self.w13 = nn.Parameter(torch.empty(local_experts, 2 * width, hidden_size))
+        self.w2 = nn.Parameter(torch.empty(local_experts, hidden_size, width))
+        # Checkpoints store experts one by one: shard (e, "gate"|"up") of w13, (e, "down") of w2;
+        # a rank expects (and keeps) only its own experts.
+        local = range(self.first_expert, self.first_expert + local_experts)
         self.w13.weight_loader = self._load_w13  # type: ignore[attr-defined]
         self.w13.shard_ids = tuple(  # type: ignore[attr-defined]
-            (e, part) for e in range(num_experts) for part in ("gate", "up"))
+            (e, part) for e in local for part in ("gate", "up"))
         self.w2.weight_loader = self._load_w2  # type: ignore[attr-defined]
-        self.w2.shard_ids = tuple((e, "down") for e in range(num_experts))  # type: ignore[attr-defined]
+        self.w2.shard_ids = tuple((e, "down") for e in local)  # type: ignore[attr-defined]
+
+    def _local(self, expert: int) -> int | None:
+        index = expert - self.first_expert
+        return index if 0 <= index < self.local_experts else None
+
+    def _slice(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's part of an expert's intermediate width (all of it with expert parallel)."""
+        if self.tp.expert_parallel or self.tp.size == 1:
+            return loaded
+        width = self.intermediate_size
+        return loaded.narrow(dim, self.tp.rank * width, width) \
+            if loaded.shape[dim] == width * self.tp.size else loaded
 
     def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
         assert isinstance(shard, tuple)
         expert, part = shard
+        local = self._local(expert)
+        if local is None:
+            return  # another rank's expert
         offset = 0 if part == "gate" else self.intermediate_size
-        copy_checked(param.data[expert].narrow(0, offset, self.intermediate_size), loaded)
+        copy_checked(param.data[local].narrow(0, offset, self.intermediate_size),
+                     self._slice(loaded, 0))
 
     def _load_w2(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
         assert isinstance(shard, tuple)
-        copy_checked(param.data[shard[0]], loaded)
+        local = self._local(shard[0])
+        if local is not None:
+            copy_checked(param.data[local], self._slice(loaded, 1))
 
     def forward(self, h: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """h: [N, hidden]; weights, ids: [N, k] -> [N, hidden].
@@ -89,11 +127,13 @@ class FusedExperts(nn.Module):
         weight_of = weights.t().flatten()[order]
         start = 0
         for expert, count in enumerate(counts):
-            if count == 0:
+            local = self._local(expert)
+            if count == 0 or local is None:
+                start += count
                 continue
             tokens = token_of[start : start + count]
-            x = silu_and_mul(F.linear(h[tokens], self.w13[expert]))
-            y = F.linear(x, self.w2[expert]) * weight_of[start : start + count, None]
+            x = silu_and_mul(F.linear(h[tokens], self.w13[local]))
+            y = F.linear(x, self.w2[local]) * weight_of[start : start + count, None]
             out.index_add_(0, tokens, y.to(out.dtype))
             start += count
-        return out
+        return self.tp.all_reduce(out)

@@ -6,6 +6,7 @@ tensors by each rank's own loader."""
 from __future__ import annotations
 
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from glmv.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from glmv.layers.moe import FusedExperts
 
 HIDDEN, WIDTH, HEAD_DIM = 32, 48, 8
 
@@ -164,6 +166,9 @@ def test_a_world_of_one_needs_no_process_group() -> None:
     (lambda tp: ColumnParallelLinear(HIDDEN, 7, tp=tp), "output features \\(7\\)"),
     (lambda tp: RowParallelLinear(7, HIDDEN, tp=tp), "input features \\(7\\)"),
     (lambda tp: MergedColumnParallelLinear(HIDDEN, [(0, 5), (1, 5)], tp=tp), "projection 0"),
+    (lambda tp: FusedExperts(8, HIDDEN, 7, tp=tp), "intermediate size \\(7\\)"),
+    (lambda tp: FusedExperts(3, HIDDEN, 8, tp=replace(tp, expert_parallel=True)),
+     "routed experts \\(3\\)"),
 ])
 def test_uneven_splits_are_refused_naming_what(build: object, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -1,8 +1,6 @@
 """The models split over two gloo ranks: the logits of every prompt position (float32) equal
-those of the whole model on one process, for text and an image, dense and MoE.
-
-On the MoE model the routed experts are not split yet (each rank holds all of them and computes
-the same result); its attention, dense layers, shared experts, embedding and LM head are."""
+those of the whole model on one process, for text and an image, dense and MoE (the routed
+experts each split in width, or, with expert parallel, placed whole on the ranks)."""
 
 from __future__ import annotations
 
@@ -33,30 +31,40 @@ def _prompts(checkpoint: Path) -> list[ProcessedPrompt]:
     ]
 
 
-def _logits(checkpoint: Path, world_size: int = 1) -> list[torch.Tensor]:
+def _logits(checkpoint: Path, world_size: int = 1,
+            expert_parallel: bool = False) -> list[torch.Tensor]:
     model = load_model(checkpoint, dtype="float32", progress=False)
     text = model.config.text
     attention = model.model.language_model.layers[0].self_attn
     assert attention.num_heads == text.num_attention_heads // world_size  # really split
     assert model.lm_head.weight.shape[0] * world_size >= text.vocab_size
+    if text.moe is not None:
+        experts = model.model.language_model.layers[-1].mlp.experts
+        split = (world_size, 1) if expert_parallel else (1, world_size)
+        assert experts.w13.shape[:2] == (text.moe.n_routed_experts // split[0],
+                                         2 * text.moe.moe_intermediate_size // split[1])
     return [glmv_logits(model, prompt) for prompt in _prompts(checkpoint)]
 
 
-def _worker(rank: int, port: int, checkpoint: Path, expected: list[torch.Tensor]) -> None:
+def _worker(rank: int, port: int, checkpoint: Path, expected: list[torch.Tensor],
+            expert_parallel: bool) -> None:
     torch.set_num_threads(1)
-    init_distributed(2, rank, init_method=f"tcp://127.0.0.1:{port}", backend="gloo")
+    init_distributed(2, rank, init_method=f"tcp://127.0.0.1:{port}", backend="gloo",
+                     enable_expert_parallel=expert_parallel)
     try:
-        for got, want in zip(_logits(checkpoint, 2), expected, strict=True):
+        for got, want in zip(_logits(checkpoint, 2, expert_parallel), expected, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     finally:
         destroy_distributed()
 
 
-@pytest.mark.parametrize("variant", ["glm-4.6v-flash", "glm-4.5v"])
-def test_two_ranks_give_the_logits_of_one(variant: str, tiny_checkpoint: Any) -> None:
+@pytest.mark.parametrize("variant, expert_parallel", [
+    ("glm-4.6v-flash", False), ("glm-4.5v", False), ("glm-4.5v", True)])
+def test_two_ranks_give_the_logits_of_one(variant: str, expert_parallel: bool,
+                                          tiny_checkpoint: Any) -> None:
     checkpoint = tiny_checkpoint(variant)
     expected = _logits(checkpoint)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_worker, args=(port, checkpoint, expected), nprocs=2, join=True)
+    mp.spawn(_worker, args=(port, checkpoint, expected, expert_parallel), nprocs=2, join=True)
