@@ -16,9 +16,6 @@ import torch.distributed as dist
 
 from glmv.errors import ConfigError
 
-#: Environment variables of torchrun's launch protocol that `init_distributed` honours.
-TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-
 
 @dataclass(frozen=True)
 class TPGroup:

@@ -131,10 +131,15 @@ def pack_linear_weights(model: nn.Module) -> int:
 # Each layer's weight loader takes the full checkpoint tensor and keeps this rank's slice.
 
 
-def _narrowed(loaded: torch.Tensor, dim: int, index: int, size: int) -> torch.Tensor:
-    """Slice `index` of `loaded` along `dim` in pieces of `size`, checking the full extent."""
-    return loaded.narrow(dim, index * size, size) if loaded.shape[dim] >= (index + 1) * size \
-        else loaded  # too short: copy_checked reports the checkpoint's shape
+def narrowed(loaded: torch.Tensor, dim: int, index: int, size: int, parts: int) -> torch.Tensor:
+    """Piece `index` of a checkpoint tensor cut along `dim` into `parts` pieces of `size`;
+    ShapeMismatch unless it is exactly that long (never a slice of a tensor of another size).
+    The other dimensions are left for copy_checked."""
+    if loaded.shape[dim] != size * parts:
+        want = list(loaded.shape)
+        want[dim] = size * parts
+        raise ShapeMismatch(tuple(loaded.shape), tuple(want))
+    return loaded.narrow(dim, index * size, size)
 
 
 class ColumnParallelLinear(Linear):
@@ -145,14 +150,14 @@ class ColumnParallelLinear(Linear):
                  gather_output: bool = False, tp: TPGroup | None = None) -> None:
         self.tp = tp or get_tp_group()
         super().__init__(in_features, self.tp.shard(out_features, "output features"), bias)
-        self.full_out_features = out_features
         self.gather_output = gather_output
         for param in (self.weight, self.bias):
             if param is not None:
                 param.weight_loader = self._load_rows  # type: ignore[attr-defined]
 
     def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
-        copy_checked(param.data, _narrowed(loaded, 0, self.tp.rank, param.shape[0]))
+        copy_checked(param.data,
+                     narrowed(loaded, 0, self.tp.rank, param.shape[0], self.tp.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)
@@ -187,7 +192,8 @@ class MergedColumnParallelLinear(MergedLinear):
                 self._load_shard(param, piece, sid)
             return
         _, size = self.shard_offsets[shard_id]
-        super()._load_shard(param, _narrowed(loaded, 0, self.tp.rank, size), shard_id)
+        super()._load_shard(param, narrowed(loaded, 0, self.tp.rank, size, self.tp.size),
+                            shard_id)
 
 
 class QKVParallelLinear(MergedLinear):
@@ -199,24 +205,25 @@ class QKVParallelLinear(MergedLinear):
                  bias: bool = False, tp: TPGroup | None = None) -> None:
         self.tp = tp = tp or get_tp_group()
         self.num_heads = tp.shard(num_heads, "attention heads")
+        # The checkpoint's k and v are cut into kv_parts pieces, of which this rank holds one.
         if num_kv_heads >= tp.size:
             self.num_kv_heads = tp.shard(num_kv_heads, "KV heads")
-            self.kv_index = tp.rank
+            self.kv_index, self.kv_parts = tp.rank, tp.size
         else:
             if tp.size % num_kv_heads:
                 raise ConfigError(f"the tensor-parallel size ({tp.size}) is not a multiple of "
                                   f"the KV heads ({num_kv_heads}) it would replicate")
             self.num_kv_heads = 1
-            self.kv_index = tp.rank * num_kv_heads // tp.size
-        self.head_dim = head_dim
+            self.kv_index, self.kv_parts = tp.rank * num_kv_heads // tp.size, num_kv_heads
         super().__init__(in_features, [("q", self.num_heads * head_dim),
                                        ("k", self.num_kv_heads * head_dim),
                                        ("v", self.num_kv_heads * head_dim)], bias)
 
     def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
         _, size = self.shard_offsets[shard_id]
-        index = self.tp.rank if shard_id == "q" else self.kv_index
-        super()._load_shard(param, _narrowed(loaded, 0, index, size), shard_id)
+        index, parts = ((self.tp.rank, self.tp.size) if shard_id == "q"
+                        else (self.kv_index, self.kv_parts))
+        super()._load_shard(param, narrowed(loaded, 0, index, size, parts), shard_id)
 
 
 class RowParallelLinear(Linear):
@@ -229,12 +236,12 @@ class RowParallelLinear(Linear):
                  input_is_parallel: bool = True, tp: TPGroup | None = None) -> None:
         self.tp = tp or get_tp_group()
         super().__init__(self.tp.shard(in_features, "input features"), out_features, bias)
-        self.full_in_features = in_features
         self.input_is_parallel = input_is_parallel
         self.weight.weight_loader = self._load_columns  # type: ignore[attr-defined]
 
     def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
-        copy_checked(param.data, _narrowed(loaded, 1, self.tp.rank, param.shape[1]))
+        copy_checked(param.data,
+                     narrowed(loaded, 1, self.tp.rank, param.shape[1], self.tp.size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel and self.tp.size > 1:

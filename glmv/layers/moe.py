@@ -14,7 +14,7 @@ from torch import nn
 from glmv.config import MoEConfig
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.layers.activation import silu_and_mul
-from glmv.layers.linear import copy_checked
+from glmv.layers.linear import copy_checked, narrowed
 
 
 class TopkRouter(nn.Module):
@@ -89,11 +89,8 @@ class FusedExperts(nn.Module):
 
     def _slice(self, loaded: torch.Tensor, dim: int) -> torch.Tensor:
         """This rank's part of an expert's intermediate width (all of it with expert parallel)."""
-        if self.tp.expert_parallel or self.tp.size == 1:
-            return loaded
-        width = self.intermediate_size
-        return loaded.narrow(dim, self.tp.rank * width, width) \
-            if loaded.shape[dim] == width * self.tp.size else loaded
+        index, parts = (0, 1) if self.tp.expert_parallel else (self.tp.rank, self.tp.size)
+        return narrowed(loaded, dim, index, self.intermediate_size, parts)
 
     def _load_w13(self, param: nn.Parameter, loaded: torch.Tensor, shard: object) -> None:
         assert isinstance(shard, tuple)

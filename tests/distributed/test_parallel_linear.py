@@ -28,6 +28,7 @@ from glmv.layers.linear import (
     MergedLinear,
     QKVParallelLinear,
     RowParallelLinear,
+    ShapeMismatch,
 )
 from glmv.layers.moe import FusedExperts
 
@@ -183,3 +184,25 @@ def test_replicating_kv_heads_needs_a_multiple() -> None:
 def test_bad_ranks_are_refused() -> None:
     with pytest.raises(ConfigError, match="rank 2 does not fit a world of size 2"):
         init_distributed(2, 2)
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_checkpoint_tensor_of_the_wrong_size_is_refused_not_sliced(size: int) -> None:
+    tp = TPGroup(rank=size - 1, size=size)  # loading needs no communication
+    column = ColumnParallelLinear(HIDDEN, WIDTH, tp=tp)
+    merged = MergedColumnParallelLinear(HIDDEN, [(0, WIDTH), (1, WIDTH)], tp=tp)
+    qkv = QKVParallelLinear(HIDDEN, HEAD_DIM, 4, 2, tp=tp)
+    row = RowParallelLinear(WIDTH, HIDDEN, tp=tp)
+    experts = FusedExperts(4, HIDDEN, WIDTH, tp=tp)
+    cases = [
+        (column, "weight", (WIDTH + 2, HIDDEN), None),
+        (merged, "weight", (WIDTH * 2, HIDDEN), 0),
+        (qkv, "weight", (4 * HEAD_DIM + 8, HIDDEN), "q"),
+        (qkv, "weight", (2 * HEAD_DIM - 8, HIDDEN), "k"),
+        (row, "weight", (HIDDEN, WIDTH + 2), None),
+        (experts, "w13", (WIDTH * 2, HIDDEN), (size - 1, "gate")),
+        (experts, "w2", (HIDDEN, WIDTH - 2), (size - 1, "down")),
+    ]
+    for layer, name, shape, shard in cases:
+        with pytest.raises(ShapeMismatch, match=f"shape \\[{shape[0]}, {shape[1]}\\]"):
+            _load(layer, name, torch.zeros(shape), shard)
