@@ -38,7 +38,7 @@ from glmv.errors import ConfigError, GlmvError, PromptError
 from glmv.models.glm4v import Glm4vForConditionalGeneration
 from glmv.models.loader import load_model
 from glmv.multimodal.media import MediaPolicy
-from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
+from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt, check_token_ids
 from glmv.runner.kv_cache import KVCacheSpec
 from glmv.runner.model_runner import ModelRunner
 from glmv.sampling_params import SamplingParams
@@ -174,10 +174,7 @@ class LLMEngine:
                 f"the prompt is {num_prompt} tokens ({prompt.num_image_tokens} image, "
                 f"{prompt.num_video_tokens} video) but max_model_len is {max_len}: it must "
                 "leave room for at least one generated token")
-        vocab = self.config.text.vocab_size
-        bad = next((t for t in prompt.token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise PromptError(f"prompt token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(prompt.token_ids, self.config.text.vocab_size)
 
     def _thinking_budget(self, params: SamplingParams,
                          prompt_ids: list[int]) -> ThinkingBudget | None:

@@ -107,6 +107,15 @@ class ProcessedPrompt:
         return sum(i.num_embeds for i in self.mm_items if i.modality == "video")
 
 
+def check_token_ids(ids: Sequence[int], vocab_size: int) -> None:
+    """PromptError naming the first id that is not an integer in 0..vocab_size - 1."""
+    bad = next((t for t in ids if not (isinstance(t, numbers.Integral) and 0 <= t < vocab_size)),
+               None)
+    if bad is not None:
+        raise PromptError(f"prompt token id {bad!r} is outside the vocabulary "
+                          f"(0..{vocab_size - 1})")
+
+
 #: Variables the renderer sets itself, which chat_template_kwargs may not name.
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tools", "documents", "add_generation_prompt",
                                        "chat_template_source", "source"})
@@ -124,7 +133,8 @@ class MultiModalProcessor:
         self.video_config = video_config
         self.media_policy = media_policy or MediaPolicy()
         #: Tokens a prompt may have at most: the engine sets its max_model_len here (None: the
-        #: model's max_position_embeddings). Longer texts are refused before tokenizing.
+        #: model's max_position_embeddings). Longer texts, and images that alone fill it, are
+        #: refused before tokenizing or decoding.
         self.max_prompt_tokens: int | None = None
         sp = tokenizer.special
         if (sp.image, sp.video) != (config.image_token_id, config.video_token_id):
@@ -141,6 +151,10 @@ class MultiModalProcessor:
         image_config, video_config = load_processor_configs(model_dir)
         return cls(config, tokenizer, image_config, video_config, media_policy)
 
+    @property
+    def prompt_token_limit(self) -> int:
+        return self.max_prompt_tokens or self.config.text.max_position_embeddings
+
     # ------------------------------------------------------------------ media
 
     def load_image(self, source: ImageInput,
@@ -156,9 +170,9 @@ class MultiModalProcessor:
         def check_tokens(height: int, width: int) -> None:
             # An image that alone cannot fit the context is refused before it is decoded (a
             # 50-megapixel image costs ~0.5 GB and a second to decode).
-            limit = self.max_prompt_tokens
+            limit = self.prompt_token_limit
             tokens = image_num_tokens(height, width, self.image_config, pixel_bounds)
-            if limit is not None and tokens >= limit:
+            if tokens >= limit:
                 raise PromptError(f"the image ({width}x{height}) alone fills {tokens:,} tokens, "
                                   f"more than the model's context of {limit:,} (max_model_len) "
                                   "holds; send it smaller or with \"detail\": \"low\"")
@@ -249,7 +263,7 @@ class MultiModalProcessor:
         """Refuse text that cannot fit before tokenizing it: tokenizing holds the interpreter
         (10 MB took 16 s, with every other request of the server waiting), and no token covers
         more characters than the longest vocabulary entry."""
-        limit = self.max_prompt_tokens or self.config.text.max_position_embeddings
+        limit = self.prompt_token_limit
         if len(prompt) > limit * self.tokenizer.max_token_chars:
             raise PromptError(f"the prompt is {len(prompt):,} characters, more than {limit} "
                               "tokens can hold (max_model_len)")
@@ -257,13 +271,8 @@ class MultiModalProcessor:
     def process_token_ids(self, token_ids: Sequence[int]) -> ProcessedPrompt:
         """A prompt given as token ids, without media."""
         ids = list(token_ids)
-        # Checked here, not only by the engine: the positions below need ids that fit int64.
-        vocab = self.config.text.vocab_size
-        bad = next((t for t in ids if not (isinstance(t, numbers.Integral) and 0 <= t < vocab)),
-                   None)
-        if bad is not None:
-            raise PromptError(f"prompt token id {bad!r} is outside the vocabulary "
-                              f"(0..{vocab - 1})")
+        # Checked here too, not only by the engine: the positions below need ids that fit int64.
+        check_token_ids(ids, self.config.text.vocab_size)
         sp = self.tokenizer.special
         if sp.image in ids or sp.video in ids:
             raise PromptError("token-id prompts cannot carry images or videos; use chat messages")
