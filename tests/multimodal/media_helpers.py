@@ -86,13 +86,19 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
 
 
-def minimal_pptx() -> bytes:
-    """A ZIP that sniffs as PPTX (it has ppt/ entries) but is no real presentation."""
+def minimal_office_zip(part: str, xml: str) -> bytes:
+    """A ZIP with [Content_Types].xml and one `part` of an Office document, sniffed by that
+    part's folder (ppt/, word/, ...) but no real document."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr("[Content_Types].xml", "<Types/>")
-        archive.writestr("ppt/presentation.xml", "<p:presentation/>")
+        archive.writestr(part, xml)
     return buffer.getvalue()
+
+
+def minimal_pptx() -> bytes:
+    """A ZIP that sniffs as PPTX (it has ppt/ entries) but is no real presentation."""
+    return minimal_office_zip("ppt/presentation.xml", "<p:presentation/>")
 
 
 def make_pdf(pages: list[tuple[float, float, tuple[float, float, float]]],

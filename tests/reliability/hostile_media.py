@@ -26,6 +26,8 @@ from typing import Literal
 import numpy as np
 import PIL.Image
 
+from tests.multimodal.media_helpers import minimal_office_zip
+
 Part = Literal["image", "video", "document"]
 
 #: The frames of the animated images (GIF, APNG, WEBP), and their width and height.
@@ -388,13 +390,7 @@ def pdf_many_pages(pages: int = PDF_PAGES) -> HostileItem:
 
 
 def _docx() -> bytes:
-    import zipfile
-
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        archive.writestr("[Content_Types].xml", "<Types/>")
-        archive.writestr("word/document.xml", "<w:document/>")
-    return buffer.getvalue()
+    return minimal_office_zip("word/document.xml", "<w:document/>")
 
 
 def lying_extensions() -> list[HostileItem]:
