@@ -301,12 +301,21 @@ def wait_idle(base_url: str, timeout: float = 30.0) -> dict[str, float]:
         time.sleep(0.1)
 
 
+def memory_mib(pid: int) -> dict[str, float]:
+    """A process's resident memory now (VmRSS) and its peak since it started (VmHWM), MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmHWM", "VmRSS"):
+            fields[name] = int(value.split()[0]) / 1024  # kB
+    if len(fields) != 2:
+        raise RuntimeError(f"no VmRSS/VmHWM for process {pid}")
+    return fields
+
+
 def rss_mib(pid: int) -> float:
     """Resident memory of a process (VmRSS), MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+    return memory_mib(pid)["VmRSS"]
 
 
 # -- a full queue ---------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench.loadgen import memory_mib
 from tests.e2e.conftest import Server
 from tests.reliability.hostile_media import HostileItem, corpus, valid_media
 
@@ -75,16 +76,6 @@ def chat(server: Server, *parts: dict[str, Any]) -> tuple[httpx.Response, float]
     return reply, time.monotonic() - started
 
 
-def memory_mib(server: Server) -> dict[str, float]:
-    """VmHWM (peak RSS since start) and VmRSS of the server process, in MiB."""
-    fields = {}
-    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmHWM", "VmRSS"):
-            fields[name] = int(value.split()[0]) / 1024  # kB
-    return fields
-
-
 def send_valid_media(server: Server, media_dir: Path) -> None:
     """A valid image, video and PDF, by data URL and path: each answers 200."""
     for ext, data in valid_media().items():
@@ -98,7 +89,7 @@ def send_valid_media(server: Server, media_dir: Path) -> None:
 
 def test_hostile_corpus(server: Server, items: list[HostileItem], media_dir: Path) -> None:
     send_valid_media(server, media_dir)  # loads every decoder before the baseline
-    before = memory_mib(server)
+    before = memory_mib(server.process.pid)
     results: list[tuple[str, str, int, float]] = []
     failures = []
     for item in items:
@@ -111,7 +102,7 @@ def test_hostile_corpus(server: Server, items: list[HostileItem], media_dir: Pat
             problem = check_reply(item, reply, seconds)
             if problem:
                 failures.append(f"{item.name} by {how}: {problem}")
-    after = memory_mib(server)
+    after = memory_mib(server.process.pid)
     print_summary(items, results, before, after)
     assert not failures, "\n".join(failures)
 
