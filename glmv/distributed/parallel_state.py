@@ -27,6 +27,10 @@ class TPGroup:
     # MoE experts: False splits every expert's intermediate width over the ranks (tensor
     # parallel); True places whole experts on ranks, num_experts / size each (expert parallel).
     expert_parallel: bool = False
+    # The vision tower: False splits it over the ranks like the decoder ("weights", vLLM's
+    # --mm-encoder-tp-mode default); True keeps it whole on every rank, each rank encodes a
+    # share of a step's images and the embeddings are gathered ("data").
+    encoder_data_parallel: bool = False
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the group, in place; returns it."""
@@ -59,18 +63,24 @@ def get_tp_group() -> TPGroup:
 
 def init_distributed(world_size: int | None = None, rank: int | None = None,
                      init_method: str = "env://", backend: str | None = None,
-                     enable_expert_parallel: bool = False) -> TPGroup:
+                     enable_expert_parallel: bool = False,
+                     mm_encoder_tp_mode: str = "weights") -> TPGroup:
     """Join the process group and make it the tensor-parallel group.
 
     `world_size` / `rank` default to $WORLD_SIZE / $RANK (torchrun); `backend` to NCCL when
     CUDA is available, else gloo. A world of one needs no process group at all.
     `enable_expert_parallel`: MoE experts are placed whole on ranks instead of each split.
+    `mm_encoder_tp_mode`: "weights" splits the vision tower over the ranks, "data" replicates
+    it and shares the images out.
     """
     global _TP
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     if world_size < 1 or not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} does not fit a world of size {world_size}")
+    if mm_encoder_tp_mode not in ("weights", "data"):
+        raise ConfigError(f"mm_encoder_tp_mode must be 'weights' or 'data', got "
+                          f"{mm_encoder_tp_mode!r}")
     if world_size == 1:
         _TP = TPGroup()
         return _TP
@@ -83,7 +93,8 @@ def init_distributed(world_size: int | None = None, rank: int | None = None,
     # destroy_process_group (say, in a layer freed only at exit) is torn down after gloo's
     # transport and aborts the process.
     _TP = TPGroup(rank=dist.get_rank(), size=dist.get_world_size(), group=None,
-                  expert_parallel=enable_expert_parallel)
+                  expert_parallel=enable_expert_parallel,
+                  encoder_data_parallel=mm_encoder_tp_mode == "data")
     return _TP
 
 
