@@ -3,6 +3,9 @@
 `expected_tensors(cfg)` lists every tensor name and shape of the published layout (protocol
 section 7.4) from config.json alone. The loader validates a checkpoint against it before reading
 any data, so a wrong checkpoint fails fast with every problem named in checkpoint terms.
+
+Tensors are handed to the weight loaders as `LazyTensor`s: each rank of a tensor-parallel group
+narrows them to its own slice, and only that slice's bytes are read from the file.
 """
 
 from __future__ import annotations
@@ -10,15 +13,22 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from glmv.config import DTYPE_NAMES, ModelConfig
 from glmv.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:  # torch is imported only where tensors are made (resolving a path needs none)
+    import torch
+
 # (name, shape, kind); kind: "linear", "embed", "norm", "bias", "route_bias".
 TensorSpec = tuple[str, tuple[int, ...], str]
+# [start, stop) along each dimension of a stored tensor.
+Region = tuple[tuple[int, int], ...]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.md"]
 
@@ -152,7 +162,8 @@ def expected_tensors(cfg: ModelConfig) -> list[TensorSpec]:
 
 
 class CheckpointReader:
-    """The safetensors files of a folder (one file or shards with an index), read lazily."""
+    """The safetensors files of a folder (one file or shards with an index), read lazily:
+    constructing it parses the headers only; `get` reads a tensor, or a region of one."""
 
     def __init__(self, model_dir: str | Path) -> None:
         self.root = Path(model_dir)
@@ -161,11 +172,14 @@ class CheckpointReader:
         self.locations: dict[str, Path] = {}  # tensor name -> file
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.dtypes: dict[str, str] = {}
+        self.nbytes: dict[str, int] = {}  # stored size of each tensor
+        self.bytes_read: Counter[str] = Counter()  # tensor name -> bytes `get` has read of it
         for path in self.files:
-            for name, (dtype, shape) in self._header(path).items():
+            for name, (dtype, shape, nbytes) in self._header(path).items():
                 self.locations[name] = path
                 self.shapes[name] = shape
                 self.dtypes[name] = dtype
+                self.nbytes[name] = nbytes
 
     def _find_files(self) -> list[Path]:
         index = self.root / "model.safetensors.index.json"
@@ -185,8 +199,9 @@ class CheckpointReader:
         return files
 
     @staticmethod
-    def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
-        """Parse the safetensors header (names, dtypes, shapes) without reading tensor data."""
+    def _header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+        """Parse the safetensors header (names, dtypes, shapes, sizes) without reading tensor
+        data."""
         try:
             with open(path, "rb") as f:
                 size = int.from_bytes(f.read(8), "little")
@@ -196,7 +211,9 @@ class CheckpointReader:
             out = {}
             for name, info in header.items():
                 if name != "__metadata__":
-                    out[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]))
+                    begin, end = (int(o) for o in info["data_offsets"])
+                    out[name] = (str(info["dtype"]), tuple(int(d) for d in info["shape"]),
+                                 end - begin)
             return out
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
@@ -205,17 +222,32 @@ class CheckpointReader:
     def total_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.files)
 
-    def get(self, name: str) -> Any:
-        """One tensor (torch), read from its file."""
+    def get(self, name: str, region: Region | None = None) -> torch.Tensor:
+        """One tensor read from its file: whole, or only `region` of it (only those bytes are
+        read). Adds what it read to `bytes_read`."""
         from safetensors import safe_open
 
         path = self.locations[name]
         try:
             if path not in self._handles:
                 self._handles[path] = safe_open(str(path), framework="pt")
-            return self._handles[path].get_tensor(name)
+            handle = self._handles[path]
+            if region is None or region == self.whole(name):
+                tensor = handle.get_tensor(name)
+            else:
+                tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in region)]
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {name} from {path}: {exc}") from exc
+        self.bytes_read[name] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def whole(self, name: str) -> Region:
+        """The region that is all of tensor `name`."""
+        return tuple((0, size) for size in self.shapes[name])
+
+    def lazy(self, name: str, fp8: Fp8Blocks | None = None) -> LazyTensor:
+        """Tensor `name`, not read yet (FP8 weights: dequantized when read)."""
+        return LazyTensor(self, name, self.whole(name), fp8)
 
     def names_by_file(self) -> Iterator[tuple[Path, list[str]]]:
         for path in self.files:
@@ -223,3 +255,92 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+@dataclass(frozen=True)
+class Fp8Blocks:
+    """How an FP8 weight dequantizes: its weight_scale_inv tensor holds one scale per block."""
+
+    scale_name: str
+    block: tuple[int, int]  # rows, columns
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                   offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """weight [rows, cols] fp8 * its blocks' scale_inv -> float32.
+
+    `weight` may be a region of a larger weight; `scale_inv` then holds the scales of the
+    blocks the region touches, and `offset` (row, col) is where the region starts within the
+    first of them:
+
+        +--------+--------+--------+
+        | offset |        |        |    scale_inv [2, 3]: value (i, j) of the region is
+        |   +----+--------+----+   |    scaled by block ((row + i) // block[0],
+        +---+----+--------+----+---+                     (col + j) // block[1])
+        |   |     region       |   |
+        |   +------------------+   |
+        +--------+--------+--------+
+    """
+    rows, cols = weight.shape
+    row0, col0 = offset
+    scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+    return weight.float() * scale[row0:row0 + rows, col0:col0 + cols]
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A region of one checkpoint tensor, read only when `materialize()` is called.
+
+    Weight loaders cut it as they would a torch.Tensor (`shape`, `narrow`, `split`) and
+    `copy_checked` materializes what it copies, so a tensor-parallel rank reads only its own
+    slice of a split tensor, and nothing of a tensor it skips (another rank's experts). FP8
+    weights are read with the scales of the blocks their region touches and come out
+    dequantized (float32), bit for bit the same slice a whole read would give.
+    """
+
+    reader: CheckpointReader
+    name: str
+    region: Region  # of the stored tensor
+    fp8: Fp8Blocks | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        import torch
+
+        return torch.Size(stop - start for start, stop in self.region)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazyTensor:
+        """As torch.Tensor.narrow: entries start..start + length of dimension `dim`."""
+        if not -len(self.region) <= dim < len(self.region):
+            raise IndexError(f"dimension {dim} is out of range for {self.name}")
+        dim %= len(self.region)
+        begin, stop = self.region[dim]
+        if start < 0 or length < 0 or begin + start + length > stop:
+            raise IndexError(f"narrow({dim}, {start}, {length}) is outside {list(self.shape)} "
+                             f"of {self.name}")
+        region = list(self.region)
+        region[dim] = (begin + start, begin + start + length)
+        return replace(self, region=tuple(region))
+
+    def split(self, sizes: Sequence[int], dim: int = 0) -> list[LazyTensor]:
+        """As torch.Tensor.split with a list of sizes: consecutive pieces along `dim`."""
+        if sum(sizes) != self.shape[dim]:
+            raise ValueError(f"split sizes {list(sizes)} do not add up to dimension {dim} of "
+                             f"{list(self.shape)} ({self.name})")
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        return [self.narrow(dim, start, size) for start, size in zip(starts, sizes, strict=True)]
+
+    def materialize(self) -> torch.Tensor:
+        """The region's data, read from the file (FP8: dequantized)."""
+        data = self.reader.get(self.name, self.region)
+        if self.fp8 is None:
+            return data
+        (row0, row1), (col0, col1) = self.region
+        rows, cols = self.fp8.block
+        touched = ((row0 // rows, -(-row1 // rows)), (col0 // cols, -(-col1 // cols)))
+        scale_inv = self.reader.get(self.fp8.scale_name, touched)
+        return dequantize_fp8(data, scale_inv, self.fp8.block, (row0 % rows, col0 % cols))
+
+
+#: What a weight loader is handed: a tensor, or a checkpoint tensor read only where copied.
+LoadedTensor: TypeAlias = "torch.Tensor | LazyTensor"

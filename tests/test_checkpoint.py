@@ -1,5 +1,6 @@
 """Model folders: resolving a path or a hub id (local Hugging Face cache first), the tensor list a
-config implies, and the lazy safetensors reader.
+config implies, and the lazy safetensors reader (whole tensors, and regions of them cut like
+torch tensors: only the region's bytes are read, FP8 regions dequantized with their blocks' scales).
 
 The Hugging Face cache is faked in a temporary folder with the real layout
 (`models--org--name/refs/main` + `snapshots/<commit>/...`); nothing touches the network:
@@ -18,13 +19,20 @@ import pytest
 import torch
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
-from glmv.checkpoint import CheckpointReader, expected_tensors, resolve_model_path
+from glmv.checkpoint import (
+    CheckpointReader,
+    Fp8Blocks,
+    dequantize_fp8,
+    expected_tensors,
+    resolve_model_path,
+)
 from glmv.config import ModelConfig
 from glmv.errors import CheckpointError
 from glmv.models.loader import load_model
 from tests.conftest import VARIANTS, copy_checkpoint
+from tests.models.test_loader import dequantize_reference
 
 REPO_ID = "zai-org/GLM-Tiny-Test"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -227,3 +235,101 @@ def test_reader_needs_weights(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"no \*\.safetensors"):
         CheckpointReader(tmp_path)
+
+
+# --------------------------------------------------------------------------- LazyTensor
+
+BLOCK = (32, 48)
+
+
+@pytest.fixture(scope="module")
+def tensor_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """One safetensors file: a 3-D bf16 tensor and an FP8 weight [100, 130] whose 32x48 blocks
+    do not divide it (edge blocks are partial), with its scales."""
+    folder = tmp_path_factory.mktemp("lazy")
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        "plain": torch.randn(10, 14, 6, generator=gen).to(torch.bfloat16),
+        "fp8.weight": (torch.randn(100, 130, generator=gen) * 100).to(torch.float8_e4m3fn),
+        "fp8.weight_scale_inv": torch.rand(4, 3, generator=gen) + 0.5,
+    }
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder, tensors
+
+
+def test_lazy_tensor_reads_nothing_until_materialized(tensor_file: Any) -> None:
+    folder, tensors = tensor_file
+    reader = CheckpointReader(folder)
+    lazy = reader.lazy("plain").narrow(0, 2, 5).split([3, 11], dim=1)[1]
+    assert lazy.shape == (5, 11, 6) and not reader.bytes_read and reader._handles == {}
+    assert torch.equal(lazy.materialize(), tensors["plain"][2:7, 3:])
+    assert reader.bytes_read == {"plain": 5 * 11 * 6 * 2}  # bf16: only the region's bytes
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2, -1])
+def test_lazy_narrow_on_each_dim(dim: int, tensor_file: Any) -> None:
+    folder, tensors = tensor_file
+    reader = CheckpointReader(folder)
+    got = reader.lazy("plain").narrow(dim, 1, 4)
+    want = tensors["plain"].narrow(dim, 1, 4)
+    assert got.shape == want.shape
+    assert torch.equal(got.materialize(), want)
+    assert reader.bytes_read["plain"] == want.numel() * 2
+
+
+def test_lazy_chained_narrows_and_splits(tensor_file: Any) -> None:
+    folder, tensors = tensor_file
+    lazy, full = CheckpointReader(folder).lazy("plain"), tensors["plain"]
+    got = lazy.narrow(0, 2, 7).narrow(1, 3, 9).narrow(0, 1, 4).narrow(2, 5, 1)
+    assert torch.equal(got.materialize(), full.narrow(0, 2, 7).narrow(1, 3, 9)[1:5, :, 5:6])
+    for dim, sizes in [(0, [3, 4, 3]), (1, [14]), (2, [1, 0, 5])]:
+        pieces = lazy.narrow(1, 0, 14).split(sizes, dim)
+        for piece, want in zip(pieces, full.split(sizes, dim), strict=True):
+            assert torch.equal(piece.materialize(), want)
+    whole = CheckpointReader(folder)
+    assert torch.equal(whole.lazy("plain").materialize(), whole.get("plain"))
+
+
+@pytest.mark.parametrize("cut", [lambda t: t.narrow(0, 8, 3), lambda t: t.narrow(3, 0, 1),
+                                 lambda t: t.narrow(1, -1, 2), lambda t: t.narrow(1, 2, -1),
+                                 lambda t: t.split([4, 4], 0)])
+def test_lazy_cuts_outside_the_tensor_are_refused(cut: Any, tensor_file: Any) -> None:
+    lazy = CheckpointReader(tensor_file[0]).lazy("plain")
+    with pytest.raises((IndexError, ValueError), match="plain"):
+        cut(lazy)
+
+
+@pytest.mark.parametrize("rows, cols", [
+    ((0, 100), (0, 130)),   # whole
+    ((32, 64), (48, 96)),   # exactly one block
+    ((5, 37), (50, 97)),    # unaligned on every side, across block edges
+    ((40, 100), (0, 65)),   # into the partial last row block
+    ((99, 100), (129, 130)),  # the last element alone
+    ((0, 100), (47, 49)),   # two columns either side of a block edge
+])
+def test_lazy_fp8_region_is_the_dequantized_slice(rows: tuple[int, int], cols: tuple[int, int],
+                                                  tensor_file: Any) -> None:
+    folder, tensors = tensor_file
+    reader = CheckpointReader(folder)
+    lazy = reader.lazy("fp8.weight", Fp8Blocks("fp8.weight_scale_inv", BLOCK))
+    got = lazy.narrow(0, rows[0], rows[1] - rows[0]).narrow(1, cols[0], cols[1] - cols[0])
+    region = got.materialize()
+    whole = dequantize_reference(tensors["fp8.weight"], tensors["fp8.weight_scale_inv"], BLOCK)
+    assert region.dtype == torch.float32
+    assert torch.equal(region, whole[rows[0]:rows[1], cols[0]:cols[1]])
+    assert torch.equal(region, dequantize_fp8(tensors["fp8.weight"],
+                                              tensors["fp8.weight_scale_inv"],
+                                              BLOCK)[rows[0]:rows[1], cols[0]:cols[1]])
+    # The region's fp8 bytes, and only the scales of the blocks it touches.
+    touched = ((rows[1] - 1) // 32 - rows[0] // 32 + 1) * ((cols[1] - 1) // 48 - cols[0] // 48 + 1)
+    assert reader.bytes_read == {"fp8.weight": (rows[1] - rows[0]) * (cols[1] - cols[0]),
+                                 "fp8.weight_scale_inv": 4 * touched}
+
+
+def test_lazy_read_of_a_damaged_file_is_a_checkpoint_error(tensor_file: Any,
+                                                           tmp_path: Path) -> None:
+    data = (tensor_file[0] / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) - 100])  # header intact
+    lazy = CheckpointReader(tmp_path).lazy("plain").narrow(0, 0, 1)
+    with pytest.raises(CheckpointError, match="plain"):
+        lazy.materialize()

@@ -8,8 +8,11 @@ a group of one and the collectives are no-ops, so single-device code runs unchan
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,6 +49,34 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous(), group=self.group)
         return torch.cat(parts, dim=dim)
 
+    def all_gather_rows(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        """The ranks' `x` stacked along dim 0 in rank order, rank r's having `sizes[r]` rows.
+
+        Each share is padded to the largest for the gather: gloo's all_gather wants one shape
+        on every rank.
+        """
+        if self.size == 1:
+            return x
+        padded = x.new_zeros((max(sizes), *x.shape[1:]))
+        padded[: x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([part[:rows] for part, rows in zip(parts, sizes, strict=True)])
+
+    def all_to_all(self, x: torch.Tensor, send_sizes: list[int] | None = None,
+                   recv_sizes: list[int] | None = None) -> torch.Tensor:
+        """Rank r gets the next `send_sizes[r]` rows of `x`; returns the rows the ranks sent
+        here, in rank order, `recv_sizes[r]` of them from rank r. None: equal shares.
+
+        Every rank must call it, even with nothing to send or receive.
+        """
+        if self.size == 1:
+            return x
+        rows = x.shape[0] if recv_sizes is None else sum(recv_sizes)
+        out = x.new_empty((rows, *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_sizes, send_sizes, group=self.group)
+        return out
+
     def shard(self, total: int, what: str) -> int:
         """`total` split evenly over the group: this rank's share; ConfigError if uneven."""
         if total % self.size:
@@ -61,17 +92,32 @@ def get_tp_group() -> TPGroup:
     return _TP
 
 
+@contextlib.contextmanager
+def assumed_group(group: TPGroup) -> Iterator[None]:
+    """Layers built inside take `group` as their tensor-parallel group, without any process
+    group behind it: for checking that a model splits over N ranks before starting them
+    (collectives would fail in here; only construction is meant)."""
+    global _TP
+    old, _TP = _TP, group
+    try:
+        yield
+    finally:
+        _TP = old
+
+
 def init_distributed(world_size: int | None = None, rank: int | None = None,
                      init_method: str = "env://", backend: str | None = None,
                      enable_expert_parallel: bool = False,
-                     mm_encoder_tp_mode: str = "weights") -> TPGroup:
+                     mm_encoder_tp_mode: str = "weights",
+                     timeout: timedelta | None = None) -> TPGroup:
     """Join the process group and make it the tensor-parallel group.
 
     `world_size` / `rank` default to $WORLD_SIZE / $RANK (torchrun); `backend` to NCCL when
     CUDA is available, else gloo. A world of one needs no process group at all.
     `enable_expert_parallel`: MoE experts are placed whole on ranks instead of each split.
     `mm_encoder_tp_mode`: "weights" splits the vision tower over the ranks, "data" replicates
-    it and shares the images out.
+    it and shares the images out. `timeout`: how long one collective may wait (torch's
+    default when None).
     """
     global _TP
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
@@ -87,7 +133,7 @@ def init_distributed(world_size: int | None = None, rank: int | None = None,
     if not dist.is_initialized():
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         dist.init_process_group(backend, init_method=init_method, world_size=world_size,
-                                rank=rank)
+                                rank=rank, timeout=timeout)
     # group None: the collectives use the default (whole-world) group. Holding no reference to
     # it keeps its lifetime torch's own: a process-group object that outlives
     # destroy_process_group (say, in a layer freed only at exit) is torn down after gloo's
@@ -98,12 +144,14 @@ def init_distributed(world_size: int | None = None, rank: int | None = None,
     return _TP
 
 
-def destroy_distributed() -> None:
-    """Leave the process group (if any); the tensor-parallel group is one process again."""
+def destroy_distributed(barrier: bool = True) -> None:
+    """Leave the process group (if any); the tensor-parallel group is one process again.
+    `barrier=False` when a peer is known to be gone (there is nobody to meet)."""
     global _TP
     if dist.is_initialized():
         # Every rank gets here before any tears its connections down: a rank that left while
         # a peer was still in a collective would make the peer's transport abort the process.
-        dist.barrier()
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
     _TP = TPGroup()

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmv.checkpoint import LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
-from glmv.layers.linear import ColumnParallelLinear, ShapeMismatch
+from glmv.layers.linear import ColumnParallelLinear, ShapeMismatch, copy_checked
 
 
 class VocabEmbedding(nn.Module):
@@ -30,15 +31,16 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 64) -> int:
     return -(-vocab_size // step) * step
 
 
-def load_vocab_rows(param: nn.Parameter, loaded: torch.Tensor, start: int,
+def load_vocab_rows(param: nn.Parameter, loaded: LoadedTensor, start: int,
                     vocab_size: int) -> None:
-    """Rows start.. of a [vocab_size, hidden] checkpoint table into a rank's slice; the slice's
-    rows past the vocabulary (padding) are zero."""
+    """Rows start.. of a [vocab_size, hidden] checkpoint table into a rank's slice (only they
+    are read); the slice's rows past the vocabulary (padding) are zero."""
     if loaded.shape != (vocab_size, param.shape[1]):
         raise ShapeMismatch(tuple(loaded.shape), (vocab_size, param.shape[1]))
     real = max(0, min(param.shape[0], vocab_size - start))
     param.data[real:].zero_()
-    param.data[:real].copy_(loaded[start:start + real])
+    if real:  # a last rank may hold padding only
+        copy_checked(param.data[:real], loaded.narrow(0, start, real))
 
 
 class VocabParallelEmbedding(VocabEmbedding):
@@ -59,7 +61,7 @@ class VocabParallelEmbedding(VocabEmbedding):
         super().__init__(self.rows, embedding_dim)
         self.weight.weight_loader = self._load_rows  # type: ignore[attr-defined]
 
-    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_rows(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         load_vocab_rows(param, loaded, self.start, self.vocab_size)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -82,7 +84,7 @@ class ParallelLMHead(ColumnParallelLinear):
         super().__init__(hidden_size, padded_vocab_size(vocab_size, tp.size), bias=False,
                          gather_output=True, tp=tp)
 
-    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_rows(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         load_vocab_rows(param, loaded, self.tp.rank * param.shape[0], self.vocab_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

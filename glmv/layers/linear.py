@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmv.checkpoint import LazyTensor, LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.errors import ConfigError
 
@@ -26,11 +27,12 @@ class ShapeMismatch(ValueError):
         self.want = want
 
 
-def copy_checked(target: torch.Tensor, loaded: torch.Tensor) -> None:
-    """Copy `loaded` into `target` (casting dtype) after checking the shapes agree."""
+def copy_checked(target: torch.Tensor, loaded: LoadedTensor) -> None:
+    """Copy `loaded` into `target` (casting dtype) after checking the shapes agree; a lazy
+    checkpoint tensor is read here, only the region copied."""
     if target.shape != loaded.shape:
         raise ShapeMismatch(tuple(loaded.shape), tuple(target.shape))
-    target.copy_(loaded)
+    target.copy_(loaded.materialize() if isinstance(loaded, LazyTensor) else loaded)
 
 
 class Linear(nn.Module):
@@ -76,7 +78,7 @@ class MergedLinear(Linear):
                 param.weight_loader = self._load_shard  # type: ignore[attr-defined]
                 param.shard_ids = tuple(self.shard_offsets)  # type: ignore[attr-defined]
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         offset, size = self.shard_offsets[shard_id]
         copy_checked(param.data.narrow(0, offset, size), loaded)
 
@@ -128,10 +130,12 @@ def pack_linear_weights(model: nn.Module) -> int:
 # (no communication: its output stays sharded), a row-parallel layer a slice of the input
 # features (its partial products are summed over the group). Attention and MLP then need one
 # all-reduce each: qkv and gate_up are column-parallel, o_proj and down_proj row-parallel.
-# Each layer's weight loader takes the full checkpoint tensor and keeps this rank's slice.
+# Each layer's weight loader takes the full checkpoint tensor and keeps this rank's slice
+# (lazily: narrow/split it, and copy_checked reads only the slice kept).
 
 
-def narrowed(loaded: torch.Tensor, dim: int, index: int, size: int, parts: int) -> torch.Tensor:
+def narrowed(loaded: LoadedTensor, dim: int, index: int, size: int, parts: int
+             ) -> LoadedTensor:
     """Piece `index` of a checkpoint tensor cut along `dim` into `parts` pieces of `size`;
     ShapeMismatch unless it is exactly that long (never a slice of a tensor of another size).
     The other dimensions are left for copy_checked."""
@@ -155,7 +159,7 @@ class ColumnParallelLinear(Linear):
             if param is not None:
                 param.weight_loader = self._load_rows  # type: ignore[attr-defined]
 
-    def _load_rows(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_rows(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         copy_checked(param.data,
                      narrowed(loaded, 0, self.tp.rank, param.shape[0], self.tp.size))
 
@@ -183,7 +187,7 @@ class MergedColumnParallelLinear(MergedLinear):
                 if param is not None:
                     param.shard_ids = (None,)  # type: ignore[attr-defined]
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         if shard_id is None:  # the stacked tensor: each projection in turn
             full = [size * self.tp.size for _, size in self.shard_offsets.values()]
             if loaded.shape[0] != sum(full):
@@ -219,7 +223,7 @@ class QKVParallelLinear(MergedLinear):
                                        ("k", self.num_kv_heads * head_dim),
                                        ("v", self.num_kv_heads * head_dim)], bias)
 
-    def _load_shard(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         _, size = self.shard_offsets[shard_id]
         index, parts = ((self.tp.rank, self.tp.size) if shard_id == "q"
                         else (self.kv_index, self.kv_parts))
@@ -239,7 +243,7 @@ class RowParallelLinear(Linear):
         self.input_is_parallel = input_is_parallel
         self.weight.weight_loader = self._load_columns  # type: ignore[attr-defined]
 
-    def _load_columns(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: object) -> None:
+    def _load_columns(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         copy_checked(param.data,
                      narrowed(loaded, 1, self.tp.rank, param.shape[1], self.tp.size))
 
@@ -250,3 +254,27 @@ class RowParallelLinear(Linear):
             return self._product(x, self.bias)
         y = self.tp.all_reduce(self._product(x, None))
         return y if self.bias is None else y + self.bias
+
+
+class PackedQKVParallelLinear(QKVParallelLinear):
+    """QKVParallelLinear whose checkpoint stores q|k|v stacked in one tensor (the vision
+    tower's attn.qkv): loaded whole (shard id None) and cut into q, k and v here, so each rank
+    keeps its heads' rows of each, as from three separate tensors."""
+
+    def __init__(self, in_features: int, head_dim: int, num_heads: int, num_kv_heads: int,
+                 bias: bool = False, tp: TPGroup | None = None) -> None:
+        super().__init__(in_features, head_dim, num_heads, num_kv_heads, bias, tp)
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.shard_ids = (None,)  # type: ignore[attr-defined]
+
+    def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
+        if shard_id is not None:  # one projection, cut by QKVParallelLinear
+            super()._load_shard(param, loaded, shard_id)
+            return
+        parts = {"q": self.tp.size, "k": self.kv_parts, "v": self.kv_parts}
+        full = [size * parts[str(sid)] for sid, (_, size) in self.shard_offsets.items()]
+        if loaded.shape[0] != sum(full):
+            raise ShapeMismatch(tuple(loaded.shape), (sum(full), *param.shape[1:]))
+        for piece, sid in zip(loaded.split(full, dim=0), self.shard_offsets, strict=True):
+            self._load_shard(param, piece, sid)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glmv.distributed.parallel_state import TPGroup
 from glmv.layers.activation import silu_and_mul
 from glmv.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
@@ -16,12 +17,14 @@ class GatedMLP(nn.Module):
     stores `gate_proj` and `up_proj`, loaded as shards 0 and 1.
     """
 
-    def __init__(self, hidden_size: int, width: int, prepacked: bool = False) -> None:
+    def __init__(self, hidden_size: int, width: int, prepacked: bool = False,
+                 tp: TPGroup | None = None) -> None:
         super().__init__()
-        # Split over the tensor-parallel group (one all-reduce, in down_proj); whole at size 1.
+        # Split over the tensor-parallel group, `tp` or the default one (one all-reduce, in
+        # down_proj); whole at size 1.
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [(0, width), (1, width)],
-                                                       prepacked=prepacked)
-        self.down_proj = RowParallelLinear(width, hidden_size)
+                                                       prepacked=prepacked, tp=tp)
+        self.down_proj = RowParallelLinear(width, hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(silu_and_mul(self.gate_up_proj(x)))

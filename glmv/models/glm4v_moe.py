@@ -44,7 +44,12 @@ MOE_RULES = [
 
 
 class Glm4vMoeTextMoE(nn.Module):
-    """Routed experts + shared expert."""
+    """Routed experts + shared expert.
+
+    Under tensor parallel both come back whole on every rank, so they are simply added: the
+    shared expert after its down_proj's all-reduce, the routed experts after their own
+    all-reduce (width split) or all-to-all dispatch and gather (expert parallel).
+    """
 
     def __init__(self, hidden_size: int, cfg: MoEConfig) -> None:
         super().__init__()

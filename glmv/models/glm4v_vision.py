@@ -7,6 +7,11 @@ pixel rows [P, 3*2*14*14] (block-major patch order, see multimodal/image.py)
   -> post_layernorm, 2x2 merge through `downsample` (Conv2d k = s = 2)    [P / 4, out_hidden]
   -> merger (proj, LayerNorm, GELU, SwiGLU)                                [P / 4, out_hidden]
 The P / 4 outputs fill the <|image|> placeholders in order.
+
+Over a tensor-parallel group the tower runs in one of two modes (TPGroup.encoder_data_parallel):
+"weights" splits it like the decoder (attention heads, the SwiGLUs of the blocks and the merger;
+the rest is small and stays replicated); "data" keeps it whole on every rank, shares the items
+(images, videos) out over the ranks and gathers their embeddings.
 """
 
 from __future__ import annotations
@@ -18,8 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from glmv.config import VisionConfig
+from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.layers.embedding import VocabEmbedding
-from glmv.layers.linear import Linear
+from glmv.layers.linear import (
+    Linear,
+    PackedQKVParallelLinear,
+    RowParallelLinear,
+)
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm
 from glmv.layers.rotary import VisionRotaryEmbedding
@@ -39,6 +49,19 @@ def block_major_hw(grid_h: int, grid_w: int, merge: int, device: torch.device) -
     rows = rows.reshape(shape).transpose(1, 2).flatten()
     cols = cols.reshape(shape).transpose(1, 2).flatten()
     return torch.stack((rows, cols), dim=-1)
+
+
+def share_items(sizes: Sequence[int], parts: int) -> list[int]:
+    """The rank that encodes each item (data mode), balancing patch counts: largest item first,
+    each to the least-loaded rank (the lowest on ties). Deterministic, so every rank computes the
+    same assignment without communicating."""
+    loads = [0] * parts
+    owners = [0] * len(sizes)
+    for item in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        rank = min(range(parts), key=loads.__getitem__)
+        owners[item] = rank
+        loads[rank] += sizes[item]
+    return owners
 
 
 class KernelEqualsStride(nn.Module):
@@ -91,14 +114,17 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
-    """Bidirectional attention restricted to each segment (an image or a video frame pair)."""
+    """Bidirectional attention restricted to each segment (an image or a video frame pair),
+    its heads split over `tp` (qkv column-parallel by heads, proj row-parallel)."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: VisionConfig, tp: TPGroup) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
+        # Checked here first so that the error names the vision tower, not the decoder.
+        self.num_heads = tp.shard(cfg.num_heads, "vision attention heads")
         self.head_dim = cfg.head_dim
-        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
-        self.proj = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.qkv = PackedQKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads,
+                                           cfg.num_heads, bias=cfg.attention_bias, tp=tp)
+        self.proj = RowParallelLinear(cfg.hidden_size, cfg.hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg_lens: Sequence[int]) -> torch.Tensor:
@@ -120,12 +146,12 @@ class VisionBlock(nn.Module):
     """Pre-norm ViT block: 2-D rotary attention, then a SwiGLU of width out_hidden_size
     (not intermediate_size, which belongs to the merger)."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: VisionConfig, tp: TPGroup) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = VisionAttention(cfg)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size)
+        self.attn = VisionAttention(cfg, tp)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.out_hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg_lens: Sequence[int]) -> torch.Tensor:
@@ -134,10 +160,11 @@ class VisionBlock(nn.Module):
 
 
 class VisionPatchMerger(GatedMLP):
-    """proj -> LayerNorm -> GELU, then the SwiGLU (its gate_up_proj / down_proj)."""
+    """proj -> LayerNorm -> GELU, then the SwiGLU (its gate_up_proj / down_proj, split over
+    `tp`; proj and the norm stay whole, as in vLLM, being small)."""
 
-    def __init__(self, dim: int, width: int) -> None:
-        super().__init__(dim, width)
+    def __init__(self, dim: int, width: int, tp: TPGroup) -> None:
+        super().__init__(dim, width, tp=tp)
         self.proj = Linear(dim, dim)
         self.post_projection_norm = nn.LayerNorm(dim)
 
@@ -146,31 +173,67 @@ class VisionPatchMerger(GatedMLP):
 
 
 class Glm4vVisionModel(nn.Module):
-    """Encodes images and video frame pairs into LLM-width embeddings."""
+    """Encodes images and video frame pairs into LLM-width embeddings.
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    `tp` (default: the tensor-parallel group) in data mode builds every layer whole (over a
+    group of one) and is then used only to share the items out and gather their embeddings.
+    """
+
+    def __init__(self, cfg: VisionConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg
+        self.tp = tp or get_tp_group()
+        layers_tp = TPGroup() if self.tp.encoder_data_parallel else self.tp
         self.patch_embed = VisionPatchEmbed(cfg)
         self.post_conv_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.embeddings = VisionEmbeddings(cfg)
         self.rotary_pos_emb = VisionRotaryEmbedding(cfg.head_dim, cfg.rope_theta)
-        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.blocks = nn.ModuleList([VisionBlock(cfg, layers_tp) for _ in range(cfg.depth)])
         self.post_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         m = cfg.spatial_merge_size
         self.downsample = KernelEqualsStride(cfg.out_hidden_size, (cfg.hidden_size, m, m))
-        self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size)
+        self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size,
+                                        layers_tp)
 
     def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """pixels: [P, patch_dim] for all items; grids: (t, h, w) per item -> [P / merge^2, D].
 
         A grid with t > 1 (a video) attends within each temporal slice, like t grids of 1.
+        In data mode every rank of the group must call this with the same arguments.
         """
+        patches = sum(t * h * w for t, h, w in grids)
+        if patches != pixels.shape[0]:
+            raise ValueError(f"grids cover {patches} patches, pixel rows are {pixels.shape[0]}")
+        if self.tp.encoder_data_parallel and self.tp.size > 1:
+            return self._encode_shared(pixels, grids)
+        return self._encode(pixels, grids)
+
+    def _encode_shared(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        """Data mode: this rank encodes its share of the items; the shares are gathered on every
+        rank (rank order) and put back in item order."""
+        sizes = [t * h * w for t, h, w in grids]
+        owners = share_items(sizes, self.tp.size)
+        shares = [[i for i, owner in enumerate(owners) if owner == rank]
+                  for rank in range(self.tp.size)]
+        rows = [size // self.cfg.spatial_merge_size**2 for size in sizes]
+        local = self._encode_items(pixels.split(sizes), grids, shares[self.tp.rank])
+        gathered = self.tp.all_gather_rows(local, [sum(rows[i] for i in share) for share in shares])
+        order = [i for share in shares for i in share]
+        embeds = dict(zip(order, gathered.split([rows[i] for i in order]), strict=True))
+        return torch.cat([embeds[i] for i in range(len(grids))])
+
+    def _encode_items(self, items: Sequence[torch.Tensor], grids: Sequence[Grid],
+                      share: list[int]) -> torch.Tensor:
+        """The embeddings of the items `share` indexes, in order; none (a rank left without
+        items still joins the gather) gives [0, out_hidden_size]."""
+        if not share:
+            return self.downsample.weight.new_empty(0, self.cfg.out_hidden_size)
+        return self._encode(torch.cat([items[i] for i in share]), [grids[i] for i in share])
+
+    def _encode(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
+        """The tower on this rank: every item of `grids`, all of its layers."""
         frames = [(h, w) for t, h, w in grids for _ in range(t)]
         seg_lens = [h * w for h, w in frames]
-        if sum(seg_lens) != pixels.shape[0]:
-            raise ValueError(f"grids cover {sum(seg_lens)} patches, pixel rows are "
-                             f"{pixels.shape[0]}")
         x = self.post_conv_layernorm(self.patch_embed(pixels))
         hw, pos = self._positions(frames, x.device)
         x = x + pos.to(x.device)

@@ -4,8 +4,9 @@
    checked against `expected_tensors(config)`: one WeightMismatchError names every missing or
    unexpected tensor and every shape mismatch.
 2. The model is built directly in the target dtype on the target device (no random init).
-3. Each tensor is read, FP8 blocks are dequantized (`weight * weight_scale_inv` per block),
-   mapped onto its parameter (packed q/k/v, gate/up, stacked experts) and cast.
+3. Each tensor is mapped onto its parameter (packed q/k/v, gate/up, stacked experts), whose
+   loader keeps this rank's slice of it; only that slice is read (`LazyTensor`), FP8 blocks
+   are dequantized (`weight * weight_scale_inv` per block), and it is cast.
 """
 
 from __future__ import annotations
@@ -18,7 +19,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from glmv.checkpoint import CheckpointReader, expected_tensors, torch_dtype
+from glmv.checkpoint import (
+    CheckpointReader,
+    Fp8Blocks,
+    LazyTensor,
+    LoadedTensor,
+    expected_tensors,
+    torch_dtype,
+)
 from glmv.config import ModelConfig, QuantizationConfig
 from glmv.errors import CheckpointError, WeightMismatchError
 from glmv.layers.linear import ShapeMismatch, copy_checked
@@ -68,32 +76,32 @@ def validate_checkpoint(reader: CheckpointReader, cfg: ModelConfig) -> None:
                               "quantization_config")
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor,
-                   block: tuple[int, int]) -> torch.Tensor:
-    """weight [rows, cols] fp8 * scale_inv [ceil(rows/br), ceil(cols/bc)] -> float32."""
-    rows, cols = weight.shape
-    scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
-    return weight.float() * scale[:rows, :cols]
-
-
 def iter_weights(reader: CheckpointReader, quant: QuantizationConfig | None,
-                 progress: bool) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, tensor) for every weight, FP8 already dequantized; scales are consumed."""
+                 progress: bool) -> Iterator[tuple[str, LazyTensor]]:
+    """(name, lazy tensor) for every weight, FP8 ones paired with their scales (not yielded).
+
+    Nothing is read here: the parameters' loaders read what they keep. The bar counts the
+    checkpoint's bytes as its tensors are dealt with (a rank reads only part of them).
+    """
     bar = tqdm(total=reader.total_bytes, unit="B", unit_scale=True, desc="Loading weights",
                disable=not progress, leave=False)
     with contextlib.closing(bar):
         for path, names in reader.names_by_file():
             for name in names:
-                if name.endswith(_SCALE_SUFFIX) or _IGNORED.search(name):
-                    continue
-                tensor = reader.get(name)
-                scale_name = name[: -len(".weight")] + _SCALE_SUFFIX
-                if name.endswith(".weight") and scale_name in reader.locations:
-                    assert quant is not None
-                    tensor = dequantize_fp8(tensor, reader.get(scale_name),
-                                            quant.weight_block_size)
-                yield name, tensor
-            bar.update(Path(path).stat().st_size)
+                if not (name.endswith(_SCALE_SUFFIX) or _IGNORED.search(name)):
+                    yield name, reader.lazy(name, _fp8_blocks(reader, name, quant))
+                bar.update(reader.nbytes[name])
+            bar.update(path.stat().st_size - sum(reader.nbytes[n] for n in names))  # header
+
+
+def _fp8_blocks(reader: CheckpointReader, name: str,
+                quant: QuantizationConfig | None) -> Fp8Blocks | None:
+    """How weight `name` dequantizes: by its weight_scale_inv, if it has one."""
+    scale_name = name[: -len(".weight")] + _SCALE_SUFFIX
+    if not (name.endswith(".weight") and scale_name in reader.locations):
+        return None
+    assert quant is not None  # validate_checkpoint refuses scales without a block size
+    return Fp8Blocks(scale_name, quant.weight_block_size)
 
 
 def _map_name(name: str, rules: list[WeightRule]) -> tuple[str, object]:
@@ -104,8 +112,8 @@ def _map_name(name: str, rules: list[WeightRule]) -> tuple[str, object]:
     return name, None
 
 
-def load_weights(model: Glm4vForConditionalGeneration, weights: Iterator[tuple[str, torch.Tensor]]
-                 ) -> None:
+def load_weights(model: Glm4vForConditionalGeneration,
+                 weights: Iterator[tuple[str, LoadedTensor]]) -> None:
     """Copy checkpoint tensors into parameters; every parameter shard must be filled once."""
     params = dict(model.named_parameters())
     filled: set[tuple[str, object]] = set()

@@ -136,6 +136,44 @@ def _check_layers(tp: TPGroup) -> None:
     torch.testing.assert_close(embed(ids), F.embedding(ids, table))
     torch.testing.assert_close(head(x), x @ table.T)
 
+    _check_experts(tp)
+
+
+EXPERTS, TOP_K = 4, 2
+
+
+def _routing(num_tokens: int, experts: range, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """TOP_K distinct experts out of `experts` per token, and positive weights."""
+    generator = torch.Generator().manual_seed(seed)
+    picks = [torch.randperm(len(experts), generator=generator)[:TOP_K]
+             for _ in range(num_tokens)]
+    ids = torch.stack(picks) + experts.start
+    return torch.rand(num_tokens, TOP_K, generator=generator), ids
+
+
+def _check_experts(tp: TPGroup) -> None:
+    """Routed experts, width split or (expert parallel) placed whole on the ranks, equal the
+    whole layer: for several tokens, for one (fewer tokens than ranks: a rank has none to
+    send), and for routing that sends every token to one rank's experts (the others receive
+    nothing)."""
+    whole = FusedExperts(EXPERTS, HIDDEN, WIDTH, tp=TPGroup())
+    _random_layer(whole, 5)
+    half = EXPERTS // 2
+    routings = [(5, range(EXPERTS)), (1, range(EXPERTS)), (4, range(half)),
+                (3, range(half, EXPERTS))]
+    for expert_parallel in (False, True):
+        split = FusedExperts(EXPERTS, HIDDEN, WIDTH,
+                             tp=replace(tp, expert_parallel=expert_parallel))
+        for e in range(EXPERTS):
+            gate, up = whole.w13[e].chunk(2)
+            _load(split, "w13", gate, (e, "gate"))
+            _load(split, "w13", up, (e, "up"))
+            _load(split, "w2", whole.w2[e], (e, "down"))
+        for seed, (num_tokens, experts) in enumerate(routings):
+            h = torch.randn(num_tokens, HIDDEN, generator=torch.Generator().manual_seed(seed))
+            weights, ids = _routing(num_tokens, experts, seed)
+            torch.testing.assert_close(split(h, weights, ids), whole(h, weights, ids))
+
 
 def _worker(rank: int, world_size: int, rendezvous: str) -> None:
     torch.set_num_threads(1)
