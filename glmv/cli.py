@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from glmv import __version__
 from glmv.config import DTYPE_NAMES
+from glmv.engine.config import add_parallel_flags, parallel_kwargs
 from glmv.errors import GlmvError
 from glmv.server.config import DEFAULT_MAX_REQUEST_BYTES
 from glmv.tiny.variants import SIZES, VARIANTS
@@ -89,6 +90,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                    help="KV cache size in GiB (default 4 on CPU)")
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens (default: the model's, capped by the KV cache)")
+    add_parallel_flags(p)
     p.add_argument("--show-special-tokens", action="store_true",
                    help="print special tokens (e.g. grounding boxes) in the output")
     p.set_defaults(func=_generate)
@@ -132,10 +134,18 @@ def _check_generate_args(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from glmv.demo import is_demo
+    from glmv.engine.config import EngineArgs
+    from glmv.engine.parallel import is_worker_process, run_worker
     from glmv.llm import LLM
     from glmv.sampling_params import SamplingParams
 
     _check_generate_args(args)
+    engine_kwargs = dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
+                         max_model_len=args.max_model_len, **parallel_kwargs(args))
+    engine_args = EngineArgs(args.model, **engine_kwargs)
+    if is_worker_process(engine_args):  # a rank > 0 under torchrun or on another node
+        run_worker(engine_args)
+        return 0
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
@@ -144,11 +154,14 @@ def _generate(args: argparse.Namespace) -> int:
     if is_demo(args.model):
         print("glmv: using the built-in demo model (RANDOM WEIGHTS: the output is meaningless)",
               file=sys.stderr)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device,
-              kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
+    llm = LLM(args.model, **engine_kwargs)
     kwargs = {"enable_thinking": False} if args.no_thinking else {}
     start = time.perf_counter()
-    output = llm.chat(_messages(args), params, chat_template_kwargs=kwargs, use_tqdm=False)[0]
+    try:
+        output = llm.chat(_messages(args), params, chat_template_kwargs=kwargs,
+                          use_tqdm=False)[0]
+    finally:
+        llm.shutdown()
     elapsed = time.perf_counter() - start
     completion = output.outputs[0]
     print(completion.text)
@@ -230,6 +243,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tool-call-parser", default=None, help="accepted for vLLM scripts")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM scripts (tools are parsed when the model has them)")
+    add_parallel_flags(p)
     p.set_defaults(func=_serve)
 
 
@@ -245,8 +259,7 @@ def _serve(args: argparse.Namespace) -> int:
     if is_demo(args.model):
         print("glmv: serving the built-in demo model (RANDOM WEIGHTS: its answers are "
               "meaningless)", file=sys.stderr)
-    serve(serve_args(args))
-    return 0
+    return serve(serve_args(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

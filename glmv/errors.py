@@ -91,6 +91,13 @@ class EngineError(GlmvError):
     http_status = 500
 
 
+class EngineDeadError(EngineError):
+    """The engine cannot run any more: a rank of its tensor-parallel group died or a collective
+    between them failed. Every request ends with this error and the server exits."""
+
+    http_status = 503
+
+
 class QueueFullError(GlmvError):
     """The server already holds as many requests as it may queue; the client should retry."""
 

@@ -41,6 +41,17 @@ class LLM:
         self.llm_engine = LLMEngine.from_args(args, media_policy or MediaPolicy.local())
         self._counter = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the worker processes of a tensor-parallel engine (idempotent; on one device
+        nothing to do). They also stop when this process exits."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Tokenizer:
         return self.llm_engine.tokenizer
 

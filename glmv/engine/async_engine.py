@@ -27,7 +27,14 @@ from typing import Any, TypeVar
 from glmv.engine.config import EngineArgs
 from glmv.engine.llm_engine import LLMEngine
 from glmv.engine.outputs import RequestOutput
-from glmv.errors import EngineError, GlmvError, MediaError, QueueFullError, ShuttingDownError
+from glmv.errors import (
+    EngineDeadError,
+    EngineError,
+    GlmvError,
+    MediaError,
+    QueueFullError,
+    ShuttingDownError,
+)
 from glmv.multimodal.media import MediaPolicy
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.sampling_params import SamplingParams
@@ -100,6 +107,11 @@ class _AbortAll:
     error: GlmvError
 
 
+@dataclass
+class _Dead:
+    reason: str  # a rank of the tensor-parallel group died while the engine was idle
+
+
 class AsyncEngine:
     """Owns an LLMEngine and the thread that steps it; safe to call from one event loop.
 
@@ -115,7 +127,8 @@ class AsyncEngine:
         self.processor = engine.processor
         self.tokenizer = engine.tokenizer
         self.stats = EngineStats()
-        self._commands: queue.SimpleQueue[_Add | _AbortAll | str | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _AbortAll | _Dead | str | None] = (
+            queue.SimpleQueue())
         self._streams: dict[str, _Stream] = {}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -126,6 +139,9 @@ class AsyncEngine:
         self._refusal: GlmvError | None = None  # set: add() refuses new requests with it
         self._lock = threading.Lock()  # guards _num_pending, _refusal and putting _Add commands
         self.step_hook: Callable[[], None] | None = None  # tests inject step faults here
+        # Called (from the engine thread) when it stops because the engine cannot go on.
+        self.on_death: Callable[[EngineDeadError], None] | None = None
+        engine.death_callbacks.append(lambda reason: self._commands.put(_Dead(reason)))
 
     @classmethod
     def from_args(cls, args: EngineArgs, media_policy: MediaPolicy | None = None,
@@ -143,13 +159,18 @@ class AsyncEngine:
         self._thread.start()
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread; requests still running end with a ShuttingDownError."""
+        """Stop the engine thread (requests still running end with a ShuttingDownError), then
+        the other ranks, if any."""
         self._stopping.set()
         self._commands.put(None)
+        stopped = True
         if self._thread is not None:
             self._thread.join(timeout)
+            stopped = not self._thread.is_alive()
             self._thread = None
         self._media_pool.shutdown(wait=False, cancel_futures=True)
+        if stopped:  # a thread still inside a step would race the ranks' teardown
+            self.engine.shutdown()
 
     def abort_all(self, error: GlmvError) -> None:
         """End every request with `error` (streams get it, KV blocks are freed) and refuse new
@@ -242,6 +263,7 @@ class AsyncEngine:
 
     def _run(self) -> None:
         error: GlmvError = ShuttingDownError("the server is shutting down")
+        dead: EngineDeadError | None = None
         try:
             while not self._stopping.is_set():
                 block = not self.engine.has_unfinished_requests()
@@ -249,12 +271,16 @@ class AsyncEngine:
                     break
                 if self.engine.has_unfinished_requests():
                     self._step()
+        except EngineDeadError as exc:
+            error = dead = exc
         except BaseException as exc:
             logger.exception("the engine thread failed")
             error = EngineError(f"the engine stopped: {type(exc).__name__}: {exc}")
             raise
         finally:
             self._close(error)
+        if dead is not None and self.on_death is not None:
+            self.on_death(dead)
 
     def _close(self, error: GlmvError) -> None:
         """The thread is ending: refuse new adds, answer queued ones, end running requests."""
@@ -281,6 +307,8 @@ class AsyncEngine:
                 return False
             if isinstance(command, str):
                 self._abort(command)
+            elif isinstance(command, _Dead):
+                raise EngineDeadError(command.reason)
             elif isinstance(command, _AbortAll):
                 self._fail_all(command.error)
             else:
@@ -310,6 +338,8 @@ class AsyncEngine:
             if self.step_hook is not None:
                 self.step_hook()
             outputs = self.engine.step()
+        except EngineDeadError:
+            raise  # nothing can run any more: the thread ends and fails every request
         except Exception as exc:
             # The runner already fails only its own step's requests; anything escaping the
             # engine leaves its state unknown, so every request in it ends with this error.

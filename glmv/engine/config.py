@@ -5,8 +5,9 @@ Level 0 of the dependency order (with glmv.config): nothing here imports torch.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from glmv.errors import ConfigError
 
@@ -93,6 +94,26 @@ class EngineArgs:
     encoder_cache_gib: float = 0.5
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     show_progress: bool = True  # progress bar while loading weights
+    # Several devices (see docs/deployment.md): ranks in all, split like Megatron/vLLM.
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank, tokens sent by all-to-all
+    mm_encoder_tp_mode: Literal["weights", "data"] = "weights"  # vision tower split or replicated
+    nnodes: int = 1  # machines the ranks are spread over (tensor_parallel_size / nnodes each)
+    node_rank: int = 0  # this machine's index; 0 serves HTTP
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others to join
+    master_port: int | None = None  # default: a free port (one machine), 29500 (several)
+
+    def __post_init__(self) -> None:
+        _positive("tensor_parallel_size", self.tensor_parallel_size)
+        _positive("nnodes", self.nnodes)
+        if self.tensor_parallel_size % self.nnodes:
+            raise ConfigError(f"tensor_parallel_size ({self.tensor_parallel_size}) must be a "
+                              f"multiple of nnodes ({self.nnodes})")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.mm_encoder_tp_mode not in ("weights", "data"):
+            raise ConfigError("mm_encoder_tp_mode must be 'weights' or 'data', got "
+                              f"{self.mm_encoder_tp_mode!r}")
 
     def cache_config(self) -> CacheConfig:
         return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization,
@@ -104,3 +125,32 @@ class EngineArgs:
             budget = 2048 if self.enable_chunked_prefill else max(2048, max_model_len)
         return SchedulerConfig(self.max_num_seqs, budget, max_model_len,
                                self.enable_chunked_prefill, self.scheduling_policy)
+
+
+def add_parallel_flags(p: argparse.ArgumentParser) -> None:
+    """Several devices or machines (docs/deployment.md); vLLM's and SGLang's flag names."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over this many ranks (processes), one per device")
+    g.add_argument("--enable-expert-parallel", action="store_true",
+                   help="MoE models: place whole experts on ranks, tokens sent by all-to-all")
+    g.add_argument("--mm-encoder-tp-mode", choices=("weights", "data"), default="weights",
+                   help="vision tower: split like the decoder (weights) or whole on every "
+                        "rank, each encoding a share of the images (data)")
+    g.add_argument("--nnodes", type=int, default=1,
+                   help="machines the ranks are spread over (run the command on each)")
+    g.add_argument("--node-rank", type=int, default=0, help="this machine's index (0 serves)")
+    g.add_argument("--master-addr", default="127.0.0.1",
+                   help="address of node 0, where the ranks meet")
+    g.add_argument("--master-port", type=int, default=None,
+                   help="port on node 0 where the ranks meet (default: free port, 29500 for "
+                        "several nodes)")
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineArgs fields of the parallelism flags."""
+    return dict(tensor_parallel_size=args.tensor_parallel_size,
+                enable_expert_parallel=args.enable_expert_parallel,
+                mm_encoder_tp_mode=args.mm_encoder_tp_mode, nnodes=args.nnodes,
+                node_rank=args.node_rank, master_addr=args.master_addr,
+                master_port=args.master_port)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,9 +33,10 @@ from glmv.engine.outputs import (
     RunnerOutput,
     SchedulerOutput,
 )
+from glmv.engine.parallel import WorkerGroup, check_split, rank_device
 from glmv.engine.request import MMSpan, Request, RequestStatus, ThinkingBudget
 from glmv.engine.scheduler import Scheduler
-from glmv.errors import ConfigError, GlmvError, PromptError
+from glmv.errors import ConfigError, EngineDeadError, GlmvError, PromptError
 from glmv.models.glm4v import Glm4vForConditionalGeneration
 from glmv.models.loader import load_model
 from glmv.multimodal.media import MediaPolicy
@@ -95,6 +97,9 @@ class LLMEngine:
         self._children: dict[str, tuple[_Group, _Completion]] = {}
         self.num_steps = 0
         self.model_path: Path | None = None  # the checkpoint folder, when loaded from one
+        self.workers: WorkerGroup | None = None  # the other ranks, under tensor parallelism
+        self.death: str | None = None  # why the group of ranks broke, once it has
+        self.death_callbacks: list[Callable[[str], None]] = []  # told when it breaks
 
     @classmethod
     def from_args(cls, args: EngineArgs, media_policy: MediaPolicy | None = None) -> LLMEngine:
@@ -103,11 +108,45 @@ class LLMEngine:
             args.model)
         processor = MultiModalProcessor.from_pretrained(path, media_policy=media_policy)
         config = processor.config
-        model = load_model(path, config, dtype=args.dtype, device=args.device,
-                           progress=args.show_progress)
-        engine = cls.from_model(processor, model, args)
+        # Several ranks: the others start here (spawned, or already waiting under torchrun)
+        # and load their slices while this process loads its own.
+        check_split(config, args)
+        workers = WorkerGroup.start(args, Path(path))
+        try:
+            device = rank_device(args.device, 0) if workers else args.device
+            model = load_model(path, config, dtype=args.dtype, device=device,
+                               progress=args.show_progress)
+            engine = cls.from_model(processor, model, args)
+        except BaseException as exc:
+            if workers is None:
+                raise
+            death = workers.wait_for_death(2.0) if isinstance(exc, RuntimeError) else None
+            workers.close()
+            if death is not None:  # a rank failed to load: say so rather than gloo's words
+                raise EngineDeadError(death) from exc
+            raise
         engine.model_path = Path(path)
+        if workers is not None:
+            engine.workers = workers
+            workers.on_death(engine._worker_died)
         return engine
+
+    # -- several ranks -----------------------------------------------------------------------
+
+    def _worker_died(self, reason: str) -> None:
+        """From the worker watcher: remember why, so the next step fails with it (a step in
+        flight fails on its own, from the broken collective)."""
+        self.death = reason
+        for callback in self.death_callbacks:
+            callback(reason)
+
+    def shutdown(self) -> None:
+        """Stop the other ranks (when there are any) and leave the process group. The engine
+        cannot step afterwards; on one device this does nothing."""
+        self.runner.channel = None  # the group closes it: no more model calls go out
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
 
     @classmethod
     def from_model(cls, processor: MultiModalProcessor, model: Glm4vForConditionalGeneration,
@@ -116,15 +155,16 @@ class LLMEngine:
         are); the KV cache and scheduler come from `args`."""
         cache_config = args.cache_config()
         param = next(model.parameters())
+        heads = model.num_kv_heads  # this rank's share of them
         one_block = KVCacheSpec.for_memory(processor.config.text, 0, cache_config.block_size,
-                                           param.dtype)
+                                           param.dtype, heads)
         # CPU default: 4 GiB, or less when that is more than max_num_seqs full-length requests
         # could ever use (a small model should not pin gigabytes of zeros).
         limit = args.max_model_len or processor.config.text.max_position_embeddings
         most = -(-limit // cache_config.block_size) * args.max_num_seqs * one_block.bytes_per_block
         spec = KVCacheSpec.for_memory(processor.config.text,
                                       _kv_cache_bytes(cache_config, param.device, most),
-                                      cache_config.block_size, param.dtype)
+                                      cache_config.block_size, param.dtype, heads)
         capacity = spec.num_blocks * spec.block_size
         max_model_len = _max_model_len(args.max_model_len, processor.config, capacity)
         runner = ModelRunner(model, spec, param.device, cache_config.encoder_cache_bytes)
@@ -204,7 +244,11 @@ class LLMEngine:
     # -- stepping ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """One scheduling step and one forward; outputs of the requests that changed."""
+        """One scheduling step and one forward; outputs of the requests that changed.
+
+        Raises EngineDeadError once a rank of a tensor-parallel group is gone."""
+        if self.death is not None:
+            raise EngineDeadError(self.death)
         work = self.scheduler.schedule()
         if work.is_empty:
             self.runner.release(work.finished_ids)
@@ -228,6 +272,17 @@ class LLMEngine:
         try:
             return self.runner.execute_step(work)
         except Exception as exc:  # one failed forward fails its requests, not the engine
+            if self.runner.is_distributed:
+                # ... except over several ranks: the others may be inside a collective this
+                # rank left, so no later call would line up with theirs.
+                # A spawned worker's exit names the culprit (it is usually why a collective
+                # broke); ranks glmv did not spawn leave only the collective's own error.
+                known = self.workers.wait_for_death(2.0) if self.workers is not None else None
+                self.death = self.death or known or (
+                    f"a step over the tensor-parallel ranks failed ({type(exc).__name__}: "
+                    f"{exc})")
+                logger.critical("%s; the engine stops", self.death)
+                raise EngineDeadError(self.death) from exc
             logger.exception("engine step failed; failing its %d requests", len(work.chunks))
             message = f"the engine step running this request failed: {type(exc).__name__}: {exc}"
             return RunnerOutput(sampled={}, failed={c.request.request_id: message

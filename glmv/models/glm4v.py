@@ -190,6 +190,12 @@ class Glm4vForConditionalGeneration(nn.Module):
         """hidden [M, hidden] (usually the last token of each sequence) -> [M, vocab]."""
         return self.lm_head(hidden)
 
+    @property
+    def num_kv_heads(self) -> int:
+        """KV heads this rank holds (its share under tensor parallelism): the KV cache's width."""
+        layer = self.model.language_model.layers[0]
+        return int(layer.self_attn.num_kv_heads)  # type: ignore[union-attr, arg-type]
+
     def kv_cache_layers(self) -> list[Attention]:
         """The attention op of every decoder layer, in order (the runner binds caches to them)."""
         return [m for m in self.model.language_model.modules() if isinstance(m, Attention)]

@@ -27,12 +27,13 @@ class KVCacheSpec:
 
     @classmethod
     def for_memory(cls, cfg: TextConfig, memory_bytes: int, block_size: int,
-                   dtype: torch.dtype) -> KVCacheSpec:
-        """As many blocks as fit in `memory_bytes`."""
-        one = cls(cfg.num_hidden_layers, 1, block_size, cfg.num_key_value_heads, cfg.head_dim,
-                  dtype)
+                   dtype: torch.dtype, num_kv_heads: int | None = None) -> KVCacheSpec:
+        """As many blocks as fit in `memory_bytes`. `num_kv_heads`: the KV heads this rank
+        holds (its share under tensor parallelism; default all of the model's)."""
+        heads = cfg.num_key_value_heads if num_kv_heads is None else num_kv_heads
+        one = cls(cfg.num_hidden_layers, 1, block_size, heads, cfg.head_dim, dtype)
         return cls(cfg.num_hidden_layers, max(1, memory_bytes // one.bytes_per_block), block_size,
-                   cfg.num_key_value_heads, cfg.head_dim, dtype)
+                   heads, cfg.head_dim, dtype)
 
 
 def allocate_kv_cache(spec: KVCacheSpec, device: torch.device | str) -> list[torch.Tensor]:

@@ -13,69 +13,65 @@ from collections.abc import Sequence
 
 import torch
 
+from glmv.distributed.parallel_state import get_tp_group
 from glmv.engine.outputs import RunnerOutput, ScheduledChunk, SchedulerOutput
-from glmv.kernels import get_ops
-from glmv.layers.linear import pack_linear_weights
 from glmv.models.glm4v import Glm4vForConditionalGeneration
 from glmv.multimodal.processor import ProcessedPrompt
 from glmv.multimodal.rope_index import decode_positions
 from glmv.runner.encoder_cache import EncoderCache, VisionInputs
-from glmv.runner.input_batch import SeqChunk, build_step_inputs
-from glmv.runner.kv_cache import KVCacheSpec, allocate_kv_cache
+from glmv.runner.executor import ModelExecutor, StepChannel, portable
+from glmv.runner.input_batch import SeqChunk
+from glmv.runner.kv_cache import KVCacheSpec
 from glmv.runner.sampler import Sampler, SamplingRow, make_generator
 
 
 class ModelRunner:
-    """Owns the model, its paged KV cache (bound into every attention layer), the encoder
-    cache and each running request's sampling generator."""
+    """Owns the model executor (the model and its paged KV cache), the encoder cache and each
+    running request's sampling generator. Under tensor parallelism this is rank 0: every model
+    call is broadcast to the other ranks first (see executor.py)."""
 
     def __init__(self, model: Glm4vForConditionalGeneration, cache: KVCacheSpec,
                  device: torch.device | str = "cpu", encoder_cache_bytes: int = 0) -> None:
+        self.channel = StepChannel.for_group(get_tp_group())
+        if self.channel is not None:
+            self.channel.send("cache", cache)
+        self.executor = ModelExecutor(model, cache, device)
         self.model = model
-        # CPU bf16: oneDNN-packed weights (much faster decode-sized products).
-        self.num_packed_layers = pack_linear_weights(model)
-        if torch.device(device).type == "cpu" and _dtype(model) is torch.bfloat16:
-            get_ops()  # compile the fused kernels now (once per machine), not in a request
         self.cache_spec = cache
-        self.device = torch.device(device)
-        self.kv_caches = allocate_kv_cache(cache, self.device)
-        self._layers = model.kv_cache_layers()
-        if len(self._layers) != len(self.kv_caches):
-            raise ValueError(f"{len(self._layers)} attention layers but {len(self.kv_caches)} "
-                             "caches")
-        self._bind()
+        self.device = self.executor.device
         self.encoder_cache = EncoderCache(encoder_cache_bytes)
         self.vision = VisionInputs(self.encoder_cache, self.encode_vision,
                                    model.config.image_token_id)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator | None] = {}
 
-    def _bind(self) -> None:
-        """Point every attention layer at this runner's cache (another runner built on the
-        same model, e.g. in tests, may have rebound them)."""
-        for layer, kv in zip(self._layers, self.kv_caches, strict=True):
-            if layer.kv_cache is not kv:
-                layer.kv_cache = kv
+    @property
+    def is_distributed(self) -> bool:
+        """Whether other ranks run this runner's model calls too."""
+        return self.channel is not None
 
-    @torch.inference_mode()
+    def close(self) -> None:
+        """Let the other ranks' step loops end (nothing to do on one device)."""
+        if self.channel is not None:
+            self.channel.send("stop")
+            self.channel = None
+
     def encode_vision(self, pixels: torch.Tensor,
                       grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """[P, patch_dim] -> [P / merge^2, hidden] in the model's dtype."""
-        return self.model.encode_vision(pixels.to(self.device), grids)
+        if self.channel is not None:
+            self.channel.send("encode", pixels.cpu(), grids)
+        return self.executor.encode(pixels, grids)
 
-    @torch.inference_mode()
     def execute(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run all chunks in one forward; logits [num_chunks, vocab] (float32) of each chunk's
         last token."""
         return self._forward(chunks, list(range(len(chunks)))).float()
 
     def _forward(self, chunks: list[SeqChunk], logit_chunks: list[int]) -> torch.Tensor:
-        self._bind()
-        step = build_step_inputs(chunks, self.cache_spec.block_size, self.device)
-        embeds = self.model.embed_with_vision(step.input_ids, step.vision_embeds,
-                                              step.vision_mask)
-        hidden = self.model(embeds, step.positions, step.meta)
-        return self.model.compute_logits(hidden[step.last_token_idx[logit_chunks]])
+        if self.channel is not None:
+            self.channel.send("forward", portable(chunks), logit_chunks)
+        return self.executor.forward(chunks, logit_chunks)
 
     # -- engine steps ------------------------------------------------------------------------
 
@@ -156,6 +152,3 @@ class ModelRunner:
             forced_token=request.forced_token(),
         )
 
-
-def _dtype(model: torch.nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)

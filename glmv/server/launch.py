@@ -22,6 +22,7 @@ import uvicorn
 
 from glmv.engine.async_engine import AsyncEngine, AsyncEngineConfig
 from glmv.engine.config import EngineArgs
+from glmv.engine.parallel import is_worker_process, run_worker
 from glmv.errors import ShuttingDownError
 from glmv.multimodal.media import MediaPolicy
 from glmv.server.app import build_app
@@ -54,7 +55,14 @@ def _default_name(model: str) -> str:
     return model.rstrip("/")
 
 
-def serve(args: ServeArgs) -> None:
+def serve(args: ServeArgs) -> int:
+    """Serve until stopped; the exit status (0 after a requested stop, 1 when the engine died).
+
+    Under tensor parallelism only rank 0 serves; any other rank started with the same command
+    (torchrun, another node) runs its share of the model here instead."""
+    if is_worker_process(args.engine):
+        run_worker(args.engine)
+        return 0
     ctx = build_context(args)
     app = build_app(ctx)
     host, port = args.server.host, args.server.port
@@ -64,7 +72,10 @@ def serve(args: ServeArgs) -> None:
     drain = args.server.shutdown_timeout
     config = uvicorn.Config(app, host=host, port=port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=math.ceil(drain + _CANCEL_GRACE_S))
-    DrainingServer(config, ctx, drain).run()
+    server = DrainingServer(config, ctx, drain)
+    ctx.engine.on_death = server.engine_died
+    server.run()
+    return 1 if server.died else 0
 
 
 class DrainingServer(uvicorn.Server):
@@ -83,6 +94,15 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.ctx = ctx
         self.shutdown_timeout = shutdown_timeout
+        self.died = False
+
+    def engine_died(self, error: Exception) -> None:
+        """From the engine thread, once it cannot go on (a rank died): every request has its
+        503 already; stop serving, exit with status 1."""
+        logger.critical("the engine stopped (%s); shutting the server down", error)
+        self.died = True
+        self.ctx.draining = True
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self.ctx.draining = True  # refuse at once, before uvicorn's loop notices the signal

@@ -11,7 +11,7 @@ import os
 from typing import Any
 
 from glmv.engine.async_engine import AsyncEngineConfig
-from glmv.engine.config import EngineArgs
+from glmv.engine.config import EngineArgs, parallel_kwargs
 from glmv.errors import ConfigError
 from glmv.multimodal.media import MediaPolicy
 from glmv.server.config import ServerConfig, load_chat_template, parse_json_flag
@@ -33,7 +33,7 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching)
+        enable_prefix_caching=args.enable_prefix_caching, **parallel_kwargs(args))
     return ServeArgs(engine=engine, server=server_config(args), media=media_policy(args),
                      async_engine=AsyncEngineConfig(
                          max_queue_len=args.max_queue_len,

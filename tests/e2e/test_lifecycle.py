@@ -5,6 +5,7 @@ ended (503, in-band for streams) and requests arriving during the drain are refu
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -154,3 +155,45 @@ def test_shutdown_timeout_ends_what_is_left_and_refuses_newcomers(tiny_checkpoin
     assert "Traceback" not in text and "Application shutdown complete" in text
     print(f"\ndrain: stream ended {events[-1][0] - signalled:.2f} s and the process "
           f"{exited:.2f} s after SIGTERM (--shutdown-timeout {drain:g})")
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+def test_a_dead_worker_takes_the_server_down_with_a_clear_message(tiny_checkpoint: Any,
+                                                                  tmp_path: Path) -> None:
+    log = tmp_path / "serve.log"
+    server = start_server(tiny_checkpoint("glm-4.1v-thinking"), log,
+                          ["--tensor-parallel-size", "2"])
+    try:
+        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000,
+                "ignore_eos": True, "stream": True}
+        events: list[str] = []
+        started = threading.Event()
+
+        def consume() -> None:
+            with httpx.stream("POST", server.api + "/chat/completions", json=body,
+                              timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        started.set()
+
+        reader = threading.Thread(target=consume)
+        reader.start()
+        assert started.wait(60)
+        workers = [pid for pid in _children(server.process.pid)
+                   if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 1, "the server should have spawned one worker (rank 1)"
+        os.kill(workers[0], signal.SIGKILL)
+        reader.join(60)
+        assert server.process.wait(60) == 1  # the server exits on its own, with a failure
+    finally:
+        stop_server(server)
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert "error" in error and "rank 1" in error["error"]["message"], error
+    text = log.read_text()
+    assert "tensor-parallel worker rank 1" in text and f"status {-signal.SIGKILL}" in text

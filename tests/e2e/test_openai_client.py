@@ -44,14 +44,25 @@ def files(media_dir: Path) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="module", params=VARIANTS)
+#: Every variant on one process, and split over two ranks (the server spawns the second):
+#: a dense model, and a MoE one with expert parallel and the data-parallel vision encoder.
+SERVERS = [(variant, ()) for variant in VARIANTS] + [
+    ("glm-4.1v-thinking", ("--tensor-parallel-size", "2")),
+    ("glm-4.6v", ("--tensor-parallel-size", "2", "--enable-expert-parallel",
+                  "--mm-encoder-tp-mode", "data")),
+]
+
+
+@pytest.fixture(scope="module", params=SERVERS,
+                ids=[v + ("-tp2" if flags else "") for v, flags in SERVERS])
 def server(request: pytest.FixtureRequest, serve: Callable[..., Server]) -> Server:
-    flags = ["--served-model-name", MODEL]
-    if request.param in GLM45_LAYOUT:  # vLLM launch scripts pass these; they must be accepted
+    variant, parallel = request.param
+    flags = ["--served-model-name", MODEL, *parallel]
+    if variant in GLM45_LAYOUT:  # vLLM launch scripts pass these; they must be accepted
         flags += ["--reasoning-parser", "glm45", "--tool-call-parser", "glm45",
                   "--enable-auto-tool-choice"]
-    server = serve(request.param, *flags)
-    server.variant = request.param
+    server = serve(variant, *flags)
+    server.variant = variant
     return server
 
 
