@@ -1,5 +1,5 @@
 """The models split over two gloo ranks: the logits of every prompt position (float32) equal
-those of the whole model on one process, for text and an image, dense and MoE (the routed
+those of the whole model on one process, for text, an image and a video, dense and MoE (the routed
 experts each split in width, or, with expert parallel, placed whole on the ranks)."""
 
 from __future__ import annotations
@@ -16,18 +16,23 @@ import torch.multiprocessing as mp
 
 from glmv.distributed.parallel_state import destroy_distributed, init_distributed
 from glmv.models.loader import load_model
+from glmv.multimodal.media import MediaPolicy
 from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
-from tests.helpers import glmv_logits
+from tests.helpers import glmv_logits, write_mp4
 
 
 def _prompts(checkpoint: Path) -> list[ProcessedPrompt]:
-    processor = MultiModalProcessor.from_pretrained(checkpoint)
+    processor = MultiModalProcessor.from_pretrained(checkpoint, media_policy=MediaPolicy.local())
     pixels = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
     image = PIL.Image.fromarray(pixels)
+    video = write_mp4(checkpoint.parent / f"{checkpoint.name}-clip.mp4")
     return [
         processor.process_chat([{"role": "user", "content": "Say something about tensors."}]),
         processor.process_chat([{"role": "user", "content": [
             {"type": "image", "image": image}, {"type": "text", "text": "What is this?"}]}]),
+        processor.process_chat([{"role": "user", "content": [
+            {"type": "video_url", "video_url": {"url": str(video)}},
+            {"type": "text", "text": "What happens?"}]}]),
     ]
 
 
@@ -59,7 +64,8 @@ def _worker(rank: int, port: int, checkpoint: Path, expected: list[torch.Tensor]
 
 
 @pytest.mark.parametrize("variant, expert_parallel", [
-    ("glm-4.6v-flash", False), ("glm-4.5v", False), ("glm-4.5v", True)])
+    ("glm-4.1v-thinking", False), ("glm-4.6v-flash", False), ("glm-4.5v", False),
+    ("glm-4.5v", True)])
 def test_two_ranks_give_the_logits_of_one(variant: str, expert_parallel: bool,
                                           tiny_checkpoint: Any) -> None:
     checkpoint = tiny_checkpoint(variant)
