@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from tests.e2e.conftest import start_server, stop_server
+from tests.e2e.conftest import Server, start_server, stop_server
 
 
 def test_sigterm_is_a_clean_exit(tiny_checkpoint: Any, tmp_path: Path) -> None:
@@ -38,12 +38,11 @@ def test_bad_flags_fail_fast_with_one_line(tiny_checkpoint: Any) -> None:
     assert "--limit-mm-per-prompt" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_sigterm_finishes_in_flight_streams_first(tiny_checkpoint: Any, tmp_path: Path) -> None:
-    import signal
-    import threading
-
-    server = start_server(tiny_checkpoint("glm-4.6v-flash"), tmp_path / "serve.log", [])
-    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 1500,
+def _stream_in_background(server: Server, max_tokens: int) -> tuple[threading.Thread,
+                                                                     list[str]]:
+    """A long streamed chat read by a thread; returns once its first event has come: the
+    thread and the list its `data:` payloads go into."""
+    body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": max_tokens,
             "ignore_eos": True, "stream": True}
     events: list[str] = []
     started = threading.Event()
@@ -59,6 +58,12 @@ def test_sigterm_finishes_in_flight_streams_first(tiny_checkpoint: Any, tmp_path
     reader = threading.Thread(target=consume)
     reader.start()
     assert started.wait(60)
+    return reader, events
+
+
+def test_sigterm_finishes_in_flight_streams_first(tiny_checkpoint: Any, tmp_path: Path) -> None:
+    server = start_server(tiny_checkpoint("glm-4.6v-flash"), tmp_path / "serve.log", [])
+    reader, events = _stream_in_background(server, max_tokens=1500)
     server.process.send_signal(signal.SIGTERM)
     reader.join(120)
     assert server.process.wait(60) == 0
@@ -168,22 +173,7 @@ def test_a_dead_worker_takes_the_server_down_with_a_clear_message(tiny_checkpoin
     server = start_server(tiny_checkpoint("glm-4.1v-thinking"), log,
                           ["--tensor-parallel-size", "2"])
     try:
-        body = {"messages": [{"role": "user", "content": "Go on."}], "max_tokens": 3000,
-                "ignore_eos": True, "stream": True}
-        events: list[str] = []
-        started = threading.Event()
-
-        def consume() -> None:
-            with httpx.stream("POST", server.api + "/chat/completions", json=body,
-                              timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-
-        reader = threading.Thread(target=consume)
-        reader.start()
-        assert started.wait(60)
+        reader, events = _stream_in_background(server, max_tokens=3000)
         workers = [pid for pid in _children(server.process.pid)
                    if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert len(workers) == 1, "the server should have spawned one worker (rank 1)"
