@@ -103,8 +103,9 @@ class Bench:
             result["agreement"] = agreement(runs["glmv"].outputs, runs["transformers"].outputs)
         self.results[kind] = result
 
-    def single(self, bytes_per_token: float, bandwidth: dict[str, float]) -> None:
-        """One request at a time: text TTFT/TPOT/bandwidth, then one-image TTFT."""
+    def single(self, bytes_per_token: dict[str, float], bandwidth: dict[str, float]) -> None:
+        """One request at a time: text TTFT/TPOT/bandwidth, then one-image TTFT.
+        `bytes_per_token`: weight bytes each side reads per token (int8 reads fewer)."""
         args = self.args
         result: dict[str, Any] = {}
         for side in self.sides:
@@ -115,7 +116,8 @@ class Bench:
                         for _ in range(args.single_repeats)]
                 image = [side.stream(image_chats(self.workload("image", 1).images)[0], 2).ttft_s
                          for _ in range(args.single_repeats)]
-            result[side.name] = summarise_streams(runs, bytes_per_token, bandwidth) | {
+            result[side.name] = summarise_streams(runs, bytes_per_token[side.name],
+                                                  bandwidth) | {
                 "image_ttft_ms": round(1e3 * statistics.median(image), 1)}
             result[side.name] |= watched(watch, "single", side.name)
             print(f"single: {side.name} {result[side.name]}", file=sys.stderr)
@@ -201,6 +203,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-gib", type=float, default=2.0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--quantization", choices=("int8",), default=None,
+                        help="glmv's side: W8A8 int8 decoder products")
     parser.add_argument("--profile", action="store_true",
                         help="also profile glmv decode steps at batch --num-requests")
     args = parser.parse_args(argv)
@@ -225,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     hf = None if args.skip_hf else HFSide(path)
     sides: list[Side] = [glmv] if hf is None else [glmv, hf]
     config = glmv.engine.config
-    per_token = bytes_read_per_token(config)
+    per_token = {side.name: bytes_read_per_token(config) for side in sides}
+    per_token["glmv"] = bytes_read_per_token(config, quantization=args.quantization)
     bandwidth = {f"sum_{str(d).removeprefix('torch.')}": round(read_bandwidth_gbps(d), 1)
                  for d in (torch.bfloat16, torch.float32)}
     bandwidth["gemv_bfloat16"] = round(gemv_bandwidth_gbps(packed=False), 1)
@@ -248,8 +253,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "args": {k: v for k, v in vars(args).items() if k != "profile"},
         "load_s": {side.name: round(side.load_s, 2) for side in sides},
         "transformers": None if hf is None else hf.version,
-        "weights_read_per_token_GB": round(per_token / 1e9, 4),
-        "decode_floor_ms": round(1e3 * per_token / (machine_gbps(bandwidth) * 1e9), 2),
+        "weights_read_per_token_GB": {k: round(v / 1e9, 4) for k, v in per_token.items()},
+        "decode_floor_ms": {k: round(1e3 * v / (machine_gbps(bandwidth) * 1e9), 2)
+                            for k, v in per_token.items()},
         "results": bench.results,
         "total_run_s": round(time.perf_counter() - start, 1),
     }

@@ -97,7 +97,7 @@ class GlmvSide:
     def __init__(self, path: Path, args: argparse.Namespace) -> None:
         start = time.perf_counter()
         self.llm = LLM(model=str(path), dtype="bfloat16", kv_cache_memory=args.kv_cache_gib,
-                       max_num_seqs=args.max_num_seqs,
+                       quantization=args.quantization, max_num_seqs=args.max_num_seqs,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        enable_prefix_caching=True, show_progress=False)
         self.load_s = time.perf_counter() - start
@@ -144,16 +144,21 @@ def throughput(seconds: float, outputs: list[RequestOutput]) -> Throughput:
                       sum(len(g) for g in generated), generated)
 
 
-def bytes_read_per_token(config: ModelConfig, element_size: int = 2) -> float:
+def bytes_read_per_token(config: ModelConfig, element_size: int = 2,
+                         quantization: str | None = None) -> float:
     """Weight bytes one decode step reads, from the checkpoint layout (the live model may hold
     packed copies): the decoder layers, the final norm and the LM head (a tied table once),
-    one embedding row, and of routed experts only the top-k share."""
+    one embedding row, and of routed experts only the top-k share. With `quantization="int8"`
+    the decoder's dense products read one byte per weight (their scales are negligible)."""
     moe = config.text.moe
     total = 0.0
     for name, shape, _ in expected_tensors(config):
         size: float = math.prod(shape) * element_size
         if "visual" in name:
             continue
+        if quantization == "int8" and (_is_int8_product(name) or (
+                name == "lm_head.weight" and not config.tie_word_embeddings)):
+            size /= element_size
         if "embed_tokens" in name:
             total += size if config.tie_word_embeddings else size / shape[0]
             continue
@@ -161,6 +166,12 @@ def bytes_read_per_token(config: ModelConfig, element_size: int = 2) -> float:
             size *= moe.num_experts_per_tok / moe.n_routed_experts
         total += size
     return total
+
+
+def _is_int8_product(name: str) -> bool:
+    """A decoder weight `--quantization int8` stores as int8 (layers/quantization.py)."""
+    return (name.startswith("model.language_model.layers.") and name.endswith(".weight")
+            and ".mlp.experts." not in name and "_proj." in name)
 
 
 def profile_decode(glmv: GlmvSide, prompts: list[str], num_steps: int, top: int) -> None:

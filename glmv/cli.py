@@ -91,6 +91,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens (default: the model's, capped by the KV cache)")
     add_parallel_flags(p)
+    p.add_argument("--quantization", choices=("int8",), default=None,
+                   help="int8: W8A8 int8 products in the decoder (CPU, AVX512-VNNI)")
     p.add_argument("--show-special-tokens", action="store_true",
                    help="print special tokens (e.g. grounding boxes) in the output")
     p.set_defaults(func=_generate)
@@ -141,7 +143,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     _check_generate_args(args)
     engine_kwargs = dict(dtype=args.dtype, device=args.device, kv_cache_memory=args.kv_cache_memory,
-                         max_model_len=args.max_model_len, **parallel_kwargs(args))
+                         max_model_len=args.max_model_len, quantization=args.quantization,
+                         **parallel_kwargs(args))
     engine_args = EngineArgs(args.model, **engine_kwargs)
     if is_worker_process(engine_args):  # a rank > 0 under torchrun or on another node
         run_worker(engine_args)
@@ -191,6 +194,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size in GiB (default 4 on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--quantization", choices=("int8",), default=None,
+                   help="int8: W8A8 int8 products in the decoder (CPU, AVX512-VNNI)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching",
                    action="store_false")
     p.add_argument("--limit-mm-per-prompt", default=None,

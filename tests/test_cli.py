@@ -219,6 +219,18 @@ def test_max_tokens_is_exact(capsys: pytest.CaptureFixture[str]) -> None:
     assert (result.num_generated, result.finish_reason) == (3, "length")
 
 
+def test_generate_int8(capsys: pytest.CaptureFixture[str]) -> None:
+    result = generate(capsys, "--prompt", "Count to ten.", "--max-tokens", "3", "--dtype",
+                      "bfloat16", "--quantization", "int8")
+    assert (result.num_generated, result.finish_reason) == (3, "length")
+
+
+def test_int8_in_float32_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    error = fails(capsys, "generate", "--prompt", "Hi", "--dtype", "float32",
+                  "--quantization", "int8")
+    assert "--quantization int8 computes in bfloat16" in error
+
+
 def test_system_and_thinking_flags_change_the_prompt(capsys: pytest.CaptureFixture[str]) -> None:
     base = generate(capsys, "--prompt", "Hi", "--max-tokens", "1").prompt_tokens
     system = generate(capsys, "--prompt", "Hi", "--system", "You are terse.", "--max-tokens", "1")

@@ -94,6 +94,7 @@ class EngineArgs:
     encoder_cache_gib: float = 0.5
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     show_progress: bool = True  # progress bar while loading weights
+    quantization: Literal["int8"] | None = None  # int8: W8A8 decoder products (CPU)
     # Several devices (see docs/deployment.md): ranks in all, split like Megatron/vLLM.
     tensor_parallel_size: int = 1
     enable_expert_parallel: bool = False  # MoE: whole experts per rank, tokens sent by all-to-all

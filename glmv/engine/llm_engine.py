@@ -115,7 +115,7 @@ class LLMEngine:
         try:
             device = rank_device(args.device, 0) if workers else args.device
             model = load_model(path, config, dtype=args.dtype, device=device,
-                               progress=args.show_progress)
+                               progress=args.show_progress, quantization=args.quantization)
             engine = cls.from_model(processor, model, args)
         except BaseException as exc:
             if workers is None:

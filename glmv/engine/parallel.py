@@ -269,7 +269,8 @@ def run_worker(args: EngineArgs, place: Placement | None = None) -> None:
         if kind != "model":
             raise RuntimeError(f"expected the checkpoint path from rank 0, got {kind!r}")
         config = ModelConfig.from_pretrained(path)
-        model = load_model(path, config, dtype=args.dtype, device=device, progress=False)
+        model = load_model(path, config, dtype=args.dtype, device=device, progress=False,
+                           quantization=args.quantization)
         serve_steps(model, channel, device)
         destroy_distributed()
     finally:

@@ -8,6 +8,7 @@ parallelism will shard these same classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,9 @@ from torch import nn
 from glmv.checkpoint import LazyTensor, LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.errors import ConfigError
+
+if TYPE_CHECKING:
+    from glmv.layers.quantization import Int8Weight
 
 
 class ShapeMismatch(ValueError):
@@ -47,11 +51,15 @@ class Linear(nn.Module):
 
         # oneDNN's blocked copy of the weight (see pack_linear_weights); None = plain F.linear.
         self.packed_weight: torch.Tensor | None = None
+        # int8 rows and scales replacing the weight (--quantization int8; layers/quantization).
+        self.int8: Int8Weight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x, self.bias)
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.int8 is not None:  # it keeps a float32 copy of the bias for the kernel
+            return self.int8.apply(x, with_bias=bias is not None)
         if self.packed_weight is not None:
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features),
                                                    self.packed_weight, bias, "none", [], "")
@@ -111,7 +119,8 @@ def pack_linear_weights(model: nn.Module) -> int:
         uses[id(param)] = uses.get(id(param), 0) + 1
     count = 0
     for module in model.modules():
-        if not isinstance(module, Linear) or module.packed_weight is not None:
+        if (not isinstance(module, Linear) or module.packed_weight is not None
+                or module.int8 is not None):
             continue
         weight = module.weight
         if not can_pack(weight):

@@ -30,6 +30,7 @@ from glmv.checkpoint import (
 from glmv.config import ModelConfig, QuantizationConfig
 from glmv.errors import CheckpointError, WeightMismatchError
 from glmv.layers.linear import ShapeMismatch, copy_checked
+from glmv.layers.quantization import check_quantization, quantize_linear_layers
 from glmv.models.glm4v import Glm4vForConditionalGeneration, WeightRule
 from glmv.models.registry import model_class
 
@@ -157,16 +158,25 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 def load_model(model_dir: str | Path, cfg: ModelConfig | None = None,
                dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               progress: bool = True) -> Glm4vForConditionalGeneration:
-    """The model of `model_dir` with its weights, in eval mode, ready for inference."""
+               progress: bool = True, quantization: str | None = None
+               ) -> Glm4vForConditionalGeneration:
+    """The model of `model_dir` with its weights, in eval mode, ready for inference.
+
+    `quantization="int8"`: the decoder's linear layers are then quantized to int8 (W8A8,
+    layers/quantization.py)."""
     cfg = cfg or ModelConfig.from_pretrained(model_dir)
+    torch_dtype = resolve_dtype(dtype, cfg)
+    check_quantization(quantization, torch_dtype, torch.device(device))
     reader = CheckpointReader(model_dir)
     validate_checkpoint(reader, cfg)
-    torch_dtype = resolve_dtype(dtype, cfg)
     with _default_dtype(torch_dtype), torch.device(device):
         model = model_class(cfg)(cfg)
     try:
         load_weights(model, iter_weights(reader, cfg.quantization, progress))
     finally:
         reader.close()
+    if quantization is not None:
+        quantize_linear_layers(model.model.language_model)
+        if not cfg.tie_word_embeddings:  # a tied head is the embedding table: kept whole
+            quantize_linear_layers(model.lm_head)
     return model.eval().requires_grad_(False)

@@ -33,7 +33,8 @@ def serve_args(args: argparse.Namespace) -> ServeArgs:
         max_num_batched_tokens=args.max_num_batched_tokens,
         kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
-        enable_prefix_caching=args.enable_prefix_caching, **parallel_kwargs(args))
+        enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
+        **parallel_kwargs(args))
     return ServeArgs(engine=engine, server=server_config(args), media=media_policy(args),
                      async_engine=AsyncEngineConfig(
                          max_queue_len=args.max_queue_len,

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -456,6 +458,168 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
 }
 
 
+// ---------------------------------------------------------------------------------------------
+// W8A8 int8 linear (--quantization int8): y = x W^T + b with W int8 per output channel
+// (scale sw[n]) and x quantized per row here (symmetric, scale sx[m]):
+//   y[m, n] = (sum_k (xq[m, k] + 128) w[n, k] - 128 wsum[n]) * sx[m] * sw[n] + b[n]
+// The +128 makes the activations unsigned for AVX512-VNNI's u8 x s8 dot (vpdpbusd: 64
+// products per instruction, the weights used as stored); wsum[n] = sum_k w[n, k] removes it.
+//
+// Weights come in VNNI blocks, [Np / 16][Kp / 4][16][4]: for 16 output channels, each group of
+// 4 inputs. One 512-bit load is then 16 channels x 4 inputs, and a 4-byte broadcast of a row's
+// inputs multiplies it, accumulating 16 outputs per register with no horizontal sums. A block
+// of 8 rows x 32 channels keeps 16 accumulators; a strip of 32 channels' weights stays in L1/L2
+// while every block of rows passes over it, so a batch reads the weights from memory once.
+// N and K are padded (Np to 16, Kp to 4) with zero weights; scale, sum and bias to Np.
+
+constexpr int64_t kVnniLanes = 16, kVnniQuad = 4;
+
+void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64_t stride,
+                   int64_t out_stride, uint8_t* out, float* scale) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t m = r0; m < r1; ++m) {
+      const uint16_t* r = x + m * stride;
+      float amax = 0.f;
+      for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(bf2f(r[i])));
+      float s = amax > 0.f ? amax / 127.f : 1.f;
+      float inv = 1.f / s;
+      uint8_t* o = out + m * out_stride;
+      for (int64_t i = 0; i < k; ++i) {
+        o[i] = uint8_t(int32_t(std::nearbyint(bf2f(r[i]) * inv)) + 128);
+      }
+      for (int64_t i = k; i < kp; ++i) o[i] = 128;
+      scale[m] = s;
+    }
+  });
+}
+
+struct Int8Args {
+  const uint8_t* x;     // [M, Kp] quantized rows, +128
+  const int8_t* w;      // VNNI blocks
+  const float* sx;      // [M]
+  const float* sw;      // [Np]
+  const int32_t* wsum;  // [Np]
+  const float* bias;    // [Np] or null
+  uint16_t* y;          // [M, N] bf16
+  int64_t kp, n;
+  int64_t xs;           // row stride of x: Kp plus 64 bytes, so that the rows of a block do not
+                        // share L1 sets (Kp a multiple of 4096 made them alias and thrash)
+};
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+template <int MB, int NB>
+void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
+  const int64_t quads = a.kp / kVnniQuad;
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const int8_t* wb = a.w + nb0 * quads * 64;
+  for (int64_t q = 0; q < quads; ++q) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (j * quads + q) * 64);
+    for (int i = 0; i < MB; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a.x + (m0 + i) * a.xs + q * kVnniQuad, sizeof quad);
+      const __m512i xv = _mm512_set1_epi32(quad);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = (nb0 + j) * kVnniLanes;
+    if (n >= a.n) break;
+    const __mmask16 keep = a.n - n >= kVnniLanes ? __mmask16(0xffff)
+                                                 : __mmask16((1u << (a.n - n)) - 1);
+    const __m512i offset = _mm512_mullo_epi32(_mm512_loadu_si512(a.wsum + n),
+                                              _mm512_set1_epi32(128));
+    const __m512 sw = _mm512_loadu_ps(a.sw + n);
+    const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], offset));
+      v = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.sx[m0 + i])), sw, bias);
+      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(v);
+      _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
+    }
+  }
+}
+constexpr bool kVnniKernel = true;
+#else
+template <int MB, int NB>
+void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
+  const int64_t quads = a.kp / kVnniQuad;
+  for (int j = 0; j < NB; ++j) {
+    const int8_t* wb = a.w + (nb0 + j) * quads * 64;
+    for (int64_t lane = 0; lane < kVnniLanes; ++lane) {
+      const int64_t n = (nb0 + j) * kVnniLanes + lane;
+      if (n >= a.n) break;
+      for (int i = 0; i < MB; ++i) {
+        int32_t dot = 0;
+        const uint8_t* xr = a.x + (m0 + i) * a.xs;
+        for (int64_t q = 0; q < quads; ++q)
+          for (int64_t t = 0; t < kVnniQuad; ++t)
+            dot += int32_t(xr[q * kVnniQuad + t]) * int32_t(wb[(q * kVnniLanes + lane) * 4 + t]);
+        float v = float(dot - 128 * a.wsum[n]) * a.sx[m0 + i] * a.sw[n];
+        if (a.bias != nullptr) v += a.bias[n];
+        a.y[(m0 + i) * a.n + n] = f2bf(v);
+      }
+    }
+  }
+}
+constexpr bool kVnniKernel = false;
+#endif
+
+template <int NB>
+void int8_rows(const Int8Args& a, int64_t m, int64_t nb0) {
+  int64_t i = 0;
+  for (; i + 8 <= m; i += 8) int8_block<8, NB>(a, i, nb0);
+  for (; i + 4 <= m; i += 4) int8_block<4, NB>(a, i, nb0);
+  for (; i + 2 <= m; i += 2) int8_block<2, NB>(a, i, nb0);
+  for (; i < m; ++i) int8_block<1, NB>(a, i, nb0);
+}
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
+                       const at::Tensor& w_sum, const c10::optional<at::Tensor>& bias,
+                       int64_t out_features) {
+  check_bf16(x, "x");
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "int8_linear: x must be [M, K], rows contiguous");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.is_contiguous() &&
+                  w.size(2) == kVnniLanes && w.size(3) == kVnniQuad,
+              "int8_linear: w must be contiguous int8 VNNI blocks [Np/16, Kp/4, 16, 4]");
+  const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kVnniQuad;
+  const int64_t n = out_features, np = nblocks * kVnniLanes;
+  TORCH_CHECK(kp >= k && kp - k < kVnniQuad, "int8_linear: w's blocks must cover K = ", k);
+  TORCH_CHECK(np >= n && np - n < kVnniLanes, "int8_linear: w's blocks must cover N = ", n);
+  auto check_vec = [np](const at::Tensor& t, at::ScalarType type, const char* name) {
+    TORCH_CHECK(t.scalar_type() == type && t.numel() == np && t.is_contiguous(),
+                "int8_linear: ", name, " must be a contiguous [Np] vector of the right type");
+  };
+  check_vec(w_scale, at::kFloat, "w_scale");
+  check_vec(w_sum, at::kInt, "w_sum");
+  if (bias.has_value()) check_vec(*bias, at::kFloat, "bias");
+  const int64_t xs = kp + 64;
+  auto xq = at::empty({m, xs}, x.options().dtype(at::kByte));
+  auto sx = at::empty({m}, x.options().dtype(at::kFloat));
+  quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), m, k, kp, x.stride(0), xs,
+                xq.data_ptr<uint8_t>(), sx.data_ptr<float>());
+  auto y = at::empty({m, n}, x.options());
+  const Int8Args a{xq.data_ptr<uint8_t>(), w.data_ptr<int8_t>(), sx.data_ptr<float>(),
+                   w_scale.data_ptr<float>(), w_sum.data_ptr<int32_t>(),
+                   bias.has_value() ? bias->data_ptr<float>() : nullptr,
+                   reinterpret_cast<uint16_t*>(y.data_ptr()), kp, n, xs};
+  const int64_t pairs = (nblocks + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      if (2 * p + 1 < nblocks) {
+        int8_rows<2>(a, m, 2 * p);
+      } else {
+        int8_rows<1>(a, m, 2 * p);
+      }
+    }
+  });
+  return y;
+}
+
+bool int8_vnni() { return kVnniKernel; }
+
 }  // namespace
 
 TORCH_LIBRARY(glmv, m) {
@@ -468,6 +632,9 @@ TORCH_LIBRARY(glmv, m) {
   m.def("write_kv(Tensor(a!) kv_cache, Tensor k, Tensor v, Tensor slot_mapping) -> ()");
   m.def("paged_decode_attention(Tensor(a!) out, Tensor q, Tensor kv_cache, Tensor block_tables,"
         " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale) -> ()");
+  m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias,"
+        " int out_features) -> Tensor");
+  m.def("int8_vnni() -> bool", &int8_vnni);  // whether int8_linear has its VNNI kernel
 }
 
 TORCH_LIBRARY_IMPL(glmv, CPU, m) {
@@ -478,4 +645,5 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("rotary_", &rotary_);
   m.impl("write_kv", &write_kv);
   m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("int8_linear", &int8_linear);
 }
