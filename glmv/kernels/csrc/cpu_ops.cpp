@@ -1,4 +1,5 @@
-// glmv's fused CPU operators for the bf16 decoder (registered as torch.ops.glmv.*).
+// glmv's fused CPU operators for the bf16 decoder, and the int8 product of --quantization int8
+// (registered as torch.ops.glmv.*).
 //
 // Each replaces a chain of small PyTorch calls whose per-call overhead dominates a decode step
 // on a few cores. Rounding follows the PyTorch code they replace (glmv/layers/*.py): values are
@@ -9,7 +10,8 @@
 // rounds its probabilities to bf16.
 //
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
-// vectorises them for the machine it runs on; threads come from ATen's pool (at::parallel_for).
+// vectorises them for the machine it runs on (the int8 product alone uses AVX512-VNNI
+// intrinsics, with a plain fallback); threads come from ATen's pool (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
