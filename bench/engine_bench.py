@@ -60,6 +60,7 @@ from workloads import (
     machine_gbps,
     make_workload,
     read_bandwidth_gbps,
+    scenario_list,
 )
 
 SCENARIOS = ("text", "image", "video", "single")
@@ -208,10 +209,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="also profile glmv decode steps at batch --num-requests")
     args = parser.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    args.scenarios = scenario_list(parser, args.scenarios, SCENARIOS)
     args.video_requests = args.video_requests or args.num_requests
     return args
 

@@ -88,6 +88,7 @@ from workloads import (
     machine_gbps,
     make_image,
     read_bandwidth_gbps,
+    scenario_list,
     text_prompts,
     write_video,
 )
@@ -464,10 +465,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None,
                         help="where the report goes (default: $GLMV_CACHE_DIR/peers/...)")
     args = parser.parse_args(argv)
-    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
-    unknown = set(args.scenarios) - set(SCENARIOS)
-    if unknown:
-        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(SCENARIOS)}")
+    args.scenarios = scenario_list(parser, args.scenarios, SCENARIOS)
     args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
     if not args.skip_vllm and args.vllm_python is None:
         parser.error("--vllm-python is required unless --skip-vllm (bench/peers.sh sets it)")

@@ -205,6 +205,16 @@ def gemv_bandwidth_gbps(packed: bool, num_bytes: int = 1 << 30, repeats: int = 5
     return num_bytes / best / 1e9
 
 
+def scenario_list(parser: argparse.ArgumentParser, text: str,
+                  choices: Sequence[str]) -> list[str]:
+    """A comma-separated --scenarios value as a list; a usage error names unknown ones."""
+    scenarios = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = set(scenarios) - set(choices)
+    if unknown:
+        parser.error(f"unknown scenarios {sorted(unknown)}; choose from {', '.join(choices)}")
+    return scenarios
+
+
 def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "processor": platform.processor() or None,
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
