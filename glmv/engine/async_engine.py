@@ -347,6 +347,9 @@ class AsyncEngine:
             self.stats.step_failures += 1
             self._fail_all(EngineError(f"the engine step failed: {type(exc).__name__}: {exc}"))
             return
+        # Stats first: a client that reads /metrics right after its last output must see the
+        # state after this step (its request no longer running), not the one before it.
+        self._publish_stats()
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
@@ -354,8 +357,7 @@ class AsyncEngine:
             if output.finished:
                 del self._streams[output.request_id]
             if not stream.put(output) and not output.finished:
-                self._abort(output.request_id)
-        self._publish_stats()
+                self._abort(output.request_id)  # publishes the stats again
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
