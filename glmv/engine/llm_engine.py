@@ -143,7 +143,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Stop the other ranks (when there are any) and leave the process group. The engine
         cannot step afterwards; on one device this does nothing."""
-        self.runner.channel = None  # the group closes it: no more model calls go out
+        self.runner.channel = None  # no more model calls go out; the group tells the ranks
         if self.workers is not None:
             self.workers.close()
             self.workers = None

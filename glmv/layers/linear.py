@@ -90,6 +90,23 @@ class MergedLinear(Linear):
         offset, size = self.shard_offsets[shard_id]
         copy_checked(param.data.narrow(0, offset, size), loaded)
 
+    def _expect_stacked(self) -> None:
+        """The checkpoint stores all projections stacked in one tensor, loaded with shard id
+        None (see `_load_stacked`) instead of one tensor per projection."""
+        for param in (self.weight, self.bias):
+            if param is not None:
+                param.shard_ids = (None,)  # type: ignore[attr-defined]
+
+    def _load_stacked(self, param: nn.Parameter, loaded: LoadedTensor,
+                      full_sizes: Sequence[int]) -> None:
+        """A stacked checkpoint tensor whose projections are `full_sizes` rows long (whole,
+        before any split over ranks): each loaded in turn as its own shard."""
+        if loaded.shape[0] != sum(full_sizes):
+            raise ShapeMismatch(tuple(loaded.shape), (sum(full_sizes), *param.shape[1:]))
+        for piece, sid in zip(loaded.split(list(full_sizes), dim=0), self.shard_offsets,
+                              strict=True):
+            self._load_shard(param, piece, sid)
+
     def split(self, y: torch.Tensor) -> list[torch.Tensor]:
         """Split an output [..., out_features] back into its shards, in order."""
         return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))
@@ -192,17 +209,12 @@ class MergedColumnParallelLinear(MergedLinear):
                  for shard_id, size in shard_sizes]
         super().__init__(in_features, local, bias)
         if prepacked:
-            for param in (self.weight, self.bias):
-                if param is not None:
-                    param.shard_ids = (None,)  # type: ignore[attr-defined]
+            self._expect_stacked()
 
     def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         if shard_id is None:  # the stacked tensor: each projection in turn
-            full = [size * self.tp.size for _, size in self.shard_offsets.values()]
-            if loaded.shape[0] != sum(full):
-                raise ShapeMismatch(tuple(loaded.shape), (sum(full), *param.shape[1:]))
-            for piece, sid in zip(loaded.split(full, dim=0), self.shard_offsets, strict=True):
-                self._load_shard(param, piece, sid)
+            self._load_stacked(param, loaded,
+                               [size * self.tp.size for _, size in self.shard_offsets.values()])
             return
         _, size = self.shard_offsets[shard_id]
         super()._load_shard(param, narrowed(loaded, 0, self.tp.rank, size, self.tp.size),
@@ -273,17 +285,12 @@ class PackedQKVParallelLinear(QKVParallelLinear):
     def __init__(self, in_features: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False, tp: TPGroup | None = None) -> None:
         super().__init__(in_features, head_dim, num_heads, num_kv_heads, bias, tp)
-        for param in (self.weight, self.bias):
-            if param is not None:
-                param.shard_ids = (None,)  # type: ignore[attr-defined]
+        self._expect_stacked()
 
     def _load_shard(self, param: nn.Parameter, loaded: LoadedTensor, shard_id: object) -> None:
         if shard_id is not None:  # one projection, cut by QKVParallelLinear
             super()._load_shard(param, loaded, shard_id)
             return
         parts = {"q": self.tp.size, "k": self.kv_parts, "v": self.kv_parts}
-        full = [size * parts[str(sid)] for sid, (_, size) in self.shard_offsets.items()]
-        if loaded.shape[0] != sum(full):
-            raise ShapeMismatch(tuple(loaded.shape), (sum(full), *param.shape[1:]))
-        for piece, sid in zip(loaded.split(full, dim=0), self.shard_offsets, strict=True):
-            self._load_shard(param, piece, sid)
+        self._load_stacked(param, loaded, [size * parts[str(sid)]
+                                           for sid, (_, size) in self.shard_offsets.items()])

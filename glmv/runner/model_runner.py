@@ -50,12 +50,6 @@ class ModelRunner:
         """Whether other ranks run this runner's model calls too."""
         return self.channel is not None
 
-    def close(self) -> None:
-        """Let the other ranks' step loops end (nothing to do on one device)."""
-        if self.channel is not None:
-            self.channel.send("stop")
-            self.channel = None
-
     def encode_vision(self, pixels: torch.Tensor,
                       grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """[P, patch_dim] -> [P / merge^2, hidden] in the model's dtype."""
