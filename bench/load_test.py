@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 from loadgen import (
     PROMPTS,
     expected_replies,
@@ -43,6 +41,7 @@ from loadgen import (
     run_load,
     wait_idle,
 )
+from peer_servers import ServerCommand, free_port, wait_healthy
 
 from glmv.tiny.writer import TinyCheckpointSpec, write_checkpoint
 
@@ -94,33 +93,21 @@ class RssPeak:
 
 def start_server(model: str, args: argparse.Namespace,
                  log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
+    port = free_port()
     cmd = [sys.executable, "-m", "glmv", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", args.dtype, "--max-num-seqs", str(args.max_num_seqs),
            "--kv-cache-memory", str(args.kv_cache_memory), "--max-model-len",
            str(args.max_model_len), "--max-queue-len", str(max(args.clients, 1024)),
            "--shutdown-timeout", str(args.shutdown_timeout)]
+    command = ServerCommand("glmv serve", cmd, {}, port)
     with log.open("wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=os.environ)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"glmv serve exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise SystemExit(f"glmv serve did not become healthy in 300 s:\n{_tail(log)}")
-
-
-def _tail(log: Path) -> str:
-    return log.read_text(errors="replace")[-3000:]
+    try:
+        wait_healthy(process, command, log, timeout_s=300)
+    except RuntimeError as exc:
+        process.kill()
+        raise SystemExit(str(exc)) from None
+    return process, command.url
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:

@@ -155,10 +155,12 @@ def running(command: ServerCommand,
         stop(process)
 
 
-def wait_healthy(process: subprocess.Popen[bytes], command: ServerCommand, log: Path) -> float:
-    """Seconds until /health answered 200; raises with the log's tail if the server died."""
+def wait_healthy(process: subprocess.Popen[bytes], command: ServerCommand, log: Path,
+                 timeout_s: float = START_TIMEOUT_S) -> float:
+    """Seconds until /health answered 200; raises RuntimeError with the log's tail if the
+    server died or did not answer within `timeout_s`."""
     start = time.monotonic()
-    while time.monotonic() - start < START_TIMEOUT_S:
+    while time.monotonic() - start < timeout_s:
         if process.poll() is not None:
             raise RuntimeError(f"{command.name} exited with {process.returncode}:\n"
                                f"{log.read_text(errors='replace')[-4000:]}")
@@ -166,7 +168,7 @@ def wait_healthy(process: subprocess.Popen[bytes], command: ServerCommand, log: 
             if httpx.get(command.url + "/health", timeout=2.0).status_code == 200:
                 return time.monotonic() - start
         time.sleep(1.0)
-    raise RuntimeError(f"{command.name} not healthy after {START_TIMEOUT_S:g} s:\n"
+    raise RuntimeError(f"{command.name} not healthy after {timeout_s:g} s:\n"
                        f"{log.read_text(errors='replace')[-4000:]}")
 
 
