@@ -282,3 +282,43 @@ def test_abort_all_ends_every_request_and_refuses_new_ones(engine: AsyncEngine,
     assert all(isinstance(r, ShuttingDownError) and r.http_status == 503 for r in results)
     _wait_until(lambda: _all_free(engine))
     assert engine.is_alive
+
+
+def test_from_args_steps_the_engine_on_the_thread_that_loaded_it(
+        tiny_checkpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With OpenMP, a thread stepping a model that another thread loaded ran each product
+    ~1.5x slower, so loading and stepping share one thread (and a load error still reaches the
+    caller)."""
+    from glmv.engine.config import EngineArgs
+    from glmv.engine.llm_engine import LLMEngine
+
+    threads: dict[str, int] = {}
+    real_from_args = LLMEngine.from_args.__func__  # type: ignore[attr-defined]
+
+    def from_args(cls: type[LLMEngine], *args: Any, **kwargs: Any) -> LLMEngine:
+        threads["load"] = threading.get_ident()
+        built = real_from_args(cls, *args, **kwargs)
+        real_step = built.step
+
+        def step() -> Any:
+            threads["step"] = threading.get_ident()
+            return real_step()
+        built.step = step  # type: ignore[method-assign]
+        return built
+
+    monkeypatch.setattr(LLMEngine, "from_args", classmethod(from_args))
+    args = EngineArgs(model=str(tiny_checkpoint("glm-4.6v-flash")), dtype="float32",
+                      max_model_len=256, show_progress=False)
+    eng = AsyncEngine.from_args(args)
+    eng.start()
+    try:
+        prompt = eng.processor.process_chat([{"role": "user", "content": "hi"}])
+        ids, _ = asyncio.run(_collect(eng, "t", prompt, SamplingParams.greedy(max_tokens=2)))
+        assert len(ids) >= 1
+    finally:
+        eng.shutdown()
+    assert threads["load"] == threads["step"] != threading.get_ident()
+    assert not eng.is_alive
+
+    with pytest.raises(GlmvError, match="does not exist"):
+        AsyncEngine.from_args(EngineArgs(model=str(tiny_checkpoint("glm-4.6v-flash")) + "-x"))
