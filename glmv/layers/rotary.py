@@ -100,3 +100,13 @@ class VisionRotaryEmbedding(nn.Module):
         xf = x.float()
         out = xf * cos[:, None] + _rotate_half(xf) * sin[:, None]
         return out.to(x.dtype)
+
+    @staticmethod
+    def rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """`rotate` in place (x may be a view, such as the q and k heads of a fused qkv
+        output); one fused kernel call on bf16 CPU tensors, with the same fp32 arithmetic."""
+        ops = cpu_ops(x)
+        if ops is not None and x.stride(-1) == 1 and cos.dtype is torch.float32:
+            ops.rotary_(x, cos, sin, False)
+            return
+        x.copy_(VisionRotaryEmbedding.rotate(x, cos, sin))

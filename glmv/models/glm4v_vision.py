@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glmv.attention.segments import segment_attention
 from glmv.config import VisionConfig
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.layers.embedding import VocabEmbedding
@@ -128,18 +129,11 @@ class VisionAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 seg_lens: Sequence[int]) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)
-        q = VisionRotaryEmbedding.rotate(q, cos, sin)
-        k = VisionRotaryEmbedding.rotate(k, cos, sin)
-        out = torch.empty_like(q)
-        start = 0
-        for length in seg_lens:
-            sl = slice(start, start + length)
-            qi, ki, vi = (t[sl].transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, L, D]
-            out[sl] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
-            start += length
-        return self.proj(out.reshape(n, -1))
+        n, heads = x.shape[0], self.num_heads
+        qkv = self.qkv(x).view(n, 3 * heads, self.head_dim)
+        VisionRotaryEmbedding.rotate_(qkv[:, :2 * heads], cos, sin)  # q and k heads
+        q, k, v = qkv.view(n, 3, heads, self.head_dim).unbind(1)
+        return self.proj(segment_attention(q, k, v, seg_lens).view(n, -1))
 
 
 class VisionBlock(nn.Module):

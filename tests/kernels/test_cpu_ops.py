@@ -94,6 +94,77 @@ def test_rotary_matches_reference(interleaved: bool) -> None:
     assert torch.equal(qkv, expected)
 
 
+def test_vision_rotary_in_fp32_is_bit_equal_to_reference() -> None:
+    """The vision tower's rotary (fp32 cos/sin, fp32 arithmetic) on the q and k heads of a
+    fused qkv output, in place, equals VisionRotaryEmbedding.rotate bit for bit."""
+    from glmv.layers.rotary import VisionRotaryEmbedding
+
+    rotary = VisionRotaryEmbedding(128, 10000.0)
+    hw = torch.randint(0, 40, (400, 2), generator=torch.Generator().manual_seed(3))
+    cos, sin = rotary.cos_sin(hw)
+    # 400 x 8 x 128 values: a few land on a bf16 rounding tie, where a fused multiply-add
+    # (one rounding instead of two) would round the other way
+    qkv = _bf16(400, 3 * 4 * 128, seed=4, scale=3.0).view(400, 12, 128)
+    expected = qkv.clone()
+    expected[:, :8] = VisionRotaryEmbedding.rotate(expected[:, :8], cos, sin)
+    ops.rotary_(qkv[:, :8], cos, sin, False)
+    assert torch.equal(qkv, expected)  # v heads untouched, q/k heads bit-equal
+    with pytest.raises(RuntimeError, match="both be bfloat16 or both float32"):
+        ops.rotary_(qkv[:, :8], cos, sin.to(BF16), False)
+
+
+def _segment_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       lens: list[int]) -> torch.Tensor:
+    out, start = [], 0
+    for n in lens:
+        qi, ki, vi = (t[start:start + n].double().transpose(0, 1) for t in (q, k, v))
+        out.append(F.scaled_dot_product_attention(qi, ki, vi).transpose(0, 1))
+        start += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("heads,head_dim,lens", [
+    (4, 128, [1024]), (2, 16, [5, 70, 1]), (3, 48, [130, 64, 3]), (1, 80, [63, 65, 200]),
+    (2, 24, [9, 33]),  # head_dim not a multiple of 16: the plain loops
+])
+def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: list[int]) -> None:
+    """Attention within segments only, as close to an fp64 reference as bf16 SDPA per segment
+    (fp32 scores and softmax, bf16 probabilities and output), from strided q/k/v views."""
+    n = sum(lens)
+    qkv = _bf16(n, 3, heads, head_dim, seed=n + heads, scale=2.0)
+    q, k, v = qkv.unbind(1)
+    out = torch.full((n, heads, head_dim), float("nan"), dtype=BF16)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    ops.varlen_attention(out, q, k, v, cu, head_dim**-0.5)
+    ref = _segment_reference(q, k, v, lens)
+    sdpa_err = (_segment_reference(q, k, v, lens).to(BF16).double() - ref).abs().max()
+    for i, m in enumerate(lens):
+        start = sum(lens[:i])
+        sdpa = F.scaled_dot_product_attention(
+            *(t[start:start + m].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        sdpa_err = max(sdpa_err, (sdpa.double() - ref[start:start + m]).abs().max())
+    err = (out.double() - ref).abs().max()
+    assert not out.isnan().any()
+    assert err <= sdpa_err * 1.5 + 2e-3, (err, sdpa_err)
+
+
+def test_varlen_attention_keeps_segments_apart() -> None:
+    """Changing one segment's keys and values leaves every other segment's output as it was."""
+    lens = [40, 7, 90]
+    qkv = _bf16(137, 3, 2, 32, seed=5)
+    cu = torch.tensor([0, 40, 47, 137])
+    first = torch.empty(137, 2, 32, dtype=BF16)
+    ops.varlen_attention(first, *qkv.unbind(1), cu, 32**-0.5)
+    qkv[40:47, 1:] = _bf16(7, 2, 2, 32, seed=6)
+    second = torch.empty_like(first)
+    ops.varlen_attention(second, *qkv.unbind(1), cu, 32**-0.5)
+    assert torch.equal(first[:40], second[:40]) and torch.equal(first[47:], second[47:])
+    assert not torch.equal(first[40:47], second[40:47])
+    with pytest.raises(RuntimeError, match="from 0 to tokens"):
+        ops.varlen_attention(second, *qkv.unbind(1), torch.tensor([0, 40, 136]), 1.0)
+    assert len(lens) == 3
+
+
 def test_write_kv_matches_index_copy() -> None:
     cache = torch.zeros(2, 6, 4, 2, 16, dtype=BF16)
     qkv = _bf16(5, (4 + 2 + 2) * 16, seed=10)

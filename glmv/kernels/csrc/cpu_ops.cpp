@@ -269,35 +269,69 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 // In place on qk [tokens, heads, head_dim] (unit stride along head_dim): the first
 // rotary_dim = cos.size(1) dims of every head become bf16(bf16(x cos) + bf16(rot(x) sin)),
-// rot pairing (x0, x1) GPT-J style ("interleaved") or the two halves NeoX style.
+// rot pairing (x0, x1) GPT-J style ("interleaved") or the two halves NeoX style. With fp32
+// cos/sin (the vision tower's rotary, which the reference applies in fp32) they become
+// bf16(x cos + rot(x) sin) with fp32 products and sum instead.
 void rotary_(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin,
              bool interleaved) {
   check_bf16(qk, "qk");
   TORCH_CHECK(qk.dim() == 3 && qk.stride(2) == 1, "qk must be [tokens, heads, head_dim]");
   int64_t tokens = qk.size(0), heads = qk.size(1);
   int64_t rd = cos.size(1);
-  check_rows(cos, "cos", rd);
-  check_rows(sin, "sin", rd);
+  const bool fp32 = cos.scalar_type() == at::kFloat;
+  for (const at::Tensor* t : {&cos, &sin}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == cos.scalar_type() &&
+                    (fp32 || t->scalar_type() == at::kBFloat16),
+                "cos and sin must both be bfloat16 or both float32 CPU tensors");
+    TORCH_CHECK(t->dim() == 2 && t->size(1) == rd && t->stride(1) == 1,
+                "cos/sin must be [tokens, rotary_dim] with unit stride along the row");
+  }
   TORCH_CHECK(cos.size(0) == tokens && sin.size(0) == tokens, "cos/sin must have a row per token");
   TORCH_CHECK(rd % 2 == 0 && rd <= qk.size(2), "rotary_dim must be even and <= head_dim");
   uint16_t* qp = mbits(qk);
-  const uint16_t* cp = bits(cos);
-  const uint16_t* sp = bits(sin);
+  const char* cp = static_cast<const char*>(cos.data_ptr());
+  const char* sp = static_cast<const char*>(sin.data_ptr());
+  const int64_t elem = cos.element_size();
   int64_t ts = qk.stride(0), hs = qk.stride(1), cs = cos.stride(0), ss = sin.stride(0);
   int64_t half = rd / 2;
   at::parallel_for(0, tokens * heads, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> x(rd);
+    std::vector<float> x(rd), c(rd), s(rd), r(rd);
+    int64_t row = -1;
     for (int64_t task = begin; task < end; ++task) {
       int64_t t = task / heads, h = task % heads;
+      if (t != row) {  // this token's cos/sin as floats
+        row = t;
+        const char* cr = cp + t * cs * elem;
+        const char* sr = sp + t * ss * elem;
+        for (int64_t i = 0; i < rd; ++i) {
+          c[i] = fp32 ? reinterpret_cast<const float*>(cr)[i]
+                      : bf2f(reinterpret_cast<const uint16_t*>(cr)[i]);
+          s[i] = fp32 ? reinterpret_cast<const float*>(sr)[i]
+                      : bf2f(reinterpret_cast<const uint16_t*>(sr)[i]);
+        }
+      }
       uint16_t* v = qp + t * ts + h * hs;
-      const uint16_t* c = cp + t * cs;
-      const uint16_t* s = sp + t * ss;
       for (int64_t i = 0; i < rd; ++i) x[i] = bf2f(v[i]);
-      for (int64_t i = 0; i < rd; ++i) {
-        float rot;
-        if (interleaved) rot = (i % 2 == 0) ? -x[i + 1] : x[i - 1];
-        else rot = i < half ? -x[i + half] : x[i - half];
-        v[i] = f2bf(round_bf(x[i] * bf2f(c[i])) + round_bf(rot * bf2f(s[i])));
+      // rot(x) first, then one branch-free loop per rounding (so that both vectorise)
+      float* rot = r.data();
+      if (interleaved) {
+        for (int64_t i = 0; i < rd; i += 2) {
+          rot[i] = -x[i + 1];
+          rot[i + 1] = x[i];
+        }
+      } else {
+        for (int64_t i = 0; i < half; ++i) rot[i] = -x[i + half];
+        for (int64_t i = half; i < rd; ++i) rot[i] = x[i - half];
+      }
+      if (fp32) {
+        for (int64_t i = 0; i < rd; ++i) {
+          float a = x[i] * c[i];
+          float b = rot[i] * s[i];
+          v[i] = f2bf(a + b);
+        }
+      } else {
+        for (int64_t i = 0; i < rd; ++i)
+          v[i] = f2bf(round_bf(x[i] * c[i]) + round_bf(rot[i] * s[i]));
       }
     }
   });
@@ -622,6 +656,313 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 bool int8_vnni() { return kVnniKernel; }
 
+// ---------------------------------------------------------------------------------------------
+// Bidirectional attention within segments (the vision tower's images and video frames):
+//   out[t, h] = sum_s softmax_s(q[t, h] . k[s, h] * scale) v[s, h], s over t's segment.
+// q, k, v [tokens, heads, head_dim] with unit stride along head_dim (views of the fused qkv
+// output), out a contiguous [tokens, heads, head_dim], cu_seqlens int64 [segments + 1].
+// Scores and softmax in fp32; the probabilities are rounded to bf16 for the P.V product and
+// the result divided by their fp32 sum at the end, as ATen's CPU flash attention does for
+// bf16. With AVX512-BF16 both products run on vdpbf16ps (32 bf16 products per instruction)
+// over keys and values packed once per segment and head; otherwise in plain loops.
+
+struct VarlenArgs {
+  const uint16_t *q, *k, *v;
+  uint16_t* out;
+  const int64_t* cu;
+  int64_t heads, d;
+  int64_t qts, qhs, kts, khs, vts, vhs;  // token and head strides
+  float scale;
+};
+
+// Keys and values of one (segment, head), padded to `lp` rows with zeros:
+//   kp [lp/16][d/2][16][2]: kp[b][p][l][t] = k[16 b + l][2 p + t]  (16 keys per register)
+//   vp [d/16][lp/2][16][2]: vp[g][j][c][t] = v[2 j + t][16 g + c]  (key pairs per column)
+void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t lp,
+             uint16_t* kp, uint16_t* vp) {
+  const int64_t d = a.d, pairs = d / 2;
+  for (int64_t r = 0; r < lp; ++r) {
+    uint16_t* kb = kp + (r / 16) * pairs * 32 + (r % 16) * 2;
+    uint16_t* vb = vp + (r / 2) * 32 + (r % 2);
+    if (r >= len) {
+      for (int64_t p = 0; p < pairs; ++p) kb[p * 32] = kb[p * 32 + 1] = 0;
+      for (int64_t c = 0; c < d; ++c) vb[(c / 16) * lp * 16 + (c % 16) * 2] = 0;
+      continue;
+    }
+    const uint16_t* kr = a.k + (start + r) * a.kts + h * a.khs;
+    const uint16_t* vr = a.v + (start + r) * a.vts + h * a.vhs;
+    for (int64_t p = 0; p < pairs; ++p) {
+      kb[p * 32] = kr[2 * p];
+      kb[p * 32 + 1] = kr[2 * p + 1];
+    }
+    for (int64_t c = 0; c < d; ++c) vb[(c / 16) * lp * 16 + (c % 16) * 2] = vr[c];
+  }
+}
+
+// softmax numerators of rows [0, rows) of s (row stride lp, `len` valid columns) as bf16 in
+// p (zeros past len); returns 1 / sum per row in inv.
+void softmax_rows(float* s, uint16_t* p, float* inv, int64_t rows, int64_t len, int64_t lp) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* sr = s + i * lp;
+    uint16_t* pr = p + i * lp;
+    float lanes[kLanes];
+    std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
+    int64_t n = 0;
+    for (; n + kLanes <= len; n += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sr[n + l]);
+    float m = -std::numeric_limits<float>::infinity();
+    for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+    for (; n < len; ++n) m = std::max(m, sr[n]);
+    for (n = 0; n < len; ++n) sr[n] = exp_approx(sr[n] - m);
+    std::fill_n(lanes, kLanes, 0.0f);
+    for (n = 0; n + kLanes <= len; n += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += sr[n + l];
+    float total = 0.0f;
+    for (int l = 0; l < kLanes; ++l) total += lanes[l];
+    for (; n < len; ++n) total += sr[n];
+    inv[i] = 1.0f / total;
+    for (n = 0; n < len; ++n) pr[n] = f2bf(sr[n]);
+    for (; n < lp; ++n) pr[n] = 0;
+  }
+}
+
+#if defined(__AVX512BF16__)
+// exp_approx on 16 lanes (2^n by scalef, which also gives the denormal results)
+inline __m512 exp512(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.972084045410f)),
+                                  _mm512_set1_ps(88.72283935546875f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// softmax_rows on 16 lanes; lp a multiple of 16
+void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
+                     int64_t lp) {
+  for (int64_t i = 0; i < rows; ++i) {
+    const float* sr = s + i * lp;
+    uint16_t* pr = p + i * lp;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t n = 0;
+    for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
+    const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
+    if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 sum = _mm512_setzero_ps();
+    for (n = 0; n < lp; n += 16) {
+      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
+                             : n < len    ? __mmask16((1u << (len - n)) - 1)
+                                          : __mmask16(0);
+      const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+}
+
+constexpr bool kBf16Attention = true;
+constexpr int64_t kAttnRows = 8;  // query rows per register block (x 2 registers of 16)
+
+// two bf16 at `x` in every 32-bit lane (a broadcast from memory: one load, no shuffle)
+inline __m512bh bcast_pair(const uint16_t* x) {
+  float pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
+}
+
+// scores s[i][n] = scale * q_i . k_n for 8 rows of qb (contiguous rows of d) and all lp keys
+void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
+                 float scale) {
+  const int64_t pairs = d / 2;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t nb = 0; nb < lp / 16; nb += 2) {
+    __m512 acc[kAttnRows][2];
+    for (auto& row : acc)
+      for (auto& r : row) r = _mm512_setzero_ps();
+    const uint16_t* kb = kp + nb * pairs * 32;
+    for (int64_t p = 0; p < pairs; ++p) {
+      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kb + p * 32);
+      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kb + (pairs + p) * 32);
+      for (int i = 0; i < kAttnRows; ++i) {
+        const __m512bh a = bcast_pair(qb + i * d + 2 * p);
+        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
+        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+      }
+    }
+    for (int i = 0; i < kAttnRows; ++i)
+      for (int j = 0; j < 2; ++j)
+        _mm512_storeu_ps(s + i * lp + (nb + j) * 16, _mm512_mul_ps(acc[i][j], vscale));
+  }
+}
+
+// out rows = (p . v) * inv for 8 rows of p (row stride lp), columns [c0, c0 + 16 NC)
+template <int NC>
+void attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_t rows,
+                 int64_t d, int64_t lp, int64_t len, int64_t c0, uint16_t* out, int64_t ors) {
+  __m512 acc[kAttnRows][NC];
+  for (auto& row : acc)
+    for (auto& r : row) r = _mm512_setzero_ps();
+  const int64_t key_pairs = (len + 1) / 2;
+  for (int64_t j = 0; j < key_pairs; ++j) {
+    __m512bh b[NC];
+    for (int c = 0; c < NC; ++c)
+      b[c] = (__m512bh)_mm512_loadu_si512(vp + ((c0 / 16 + c) * lp / 2 + j) * 32);
+    for (int i = 0; i < kAttnRows; ++i) {
+      const __m512bh a = bcast_pair(p + i * lp + 2 * j);
+      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, b[c]);
+    }
+  }
+  for (int i = 0; i < kAttnRows; ++i)  // a fixed trip count keeps acc in registers
+    for (int c = 0; c < NC; ++c) {
+      if (i >= rows) break;
+      const __m512 o = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv[i]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ors + c0 + 16 * c),
+                          (__m256i)_mm512_cvtneps_pbh(o));
+    }
+}
+
+#else
+constexpr bool kBf16Attention = false;
+#endif
+
+void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                      const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
+  for (const at::Tensor* t : {&q, &k, &v}) {
+    check_bf16(*t, "q, k and v");
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->sizes() == q.sizes(),
+                "q, k and v must be [tokens, heads, head_dim] alike, unit stride along head_dim");
+  }
+  check_bf16(out, "out");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(),
+              "out must be a contiguous [tokens, heads, head_dim]");
+  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1 &&
+                  cu_seqlens.is_contiguous() && cu_seqlens.numel() >= 1,
+              "cu_seqlens must be a contiguous int64 vector");
+  const int64_t tokens = q.size(0), heads = q.size(1), d = q.size(2);
+  const int64_t segments = cu_seqlens.numel() - 1;
+  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[segments] == tokens, "cu_seqlens must run from 0 to tokens");
+  for (int64_t s = 0; s < segments; ++s)
+    TORCH_CHECK(cu[s + 1] > cu[s], "cu_seqlens must be increasing");
+  const VarlenArgs a{bits(q), bits(k), bits(v), mbits(out), cu, heads, d,
+                     q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
+                     v.stride(1), float(scale)};
+  // Query rows per task: as many as keep the task's scores within ~512 KiB (the L2).
+  auto rows_for = [](int64_t lp) {
+    return std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(1) << 17) / lp / 4 * 4));
+  };
+  std::vector<int64_t> task_start{0};  // first task of each segment
+  for (int64_t s = 0; s < segments; ++s) {
+    const int64_t len = cu[s + 1] - cu[s];
+    const int64_t lp = (len + 63) / 64 * 64;
+    task_start.push_back(task_start.back() + heads * ((len + rows_for(lp) - 1) / rows_for(lp)));
+  }
+  const int64_t tasks = task_start.back();
+  const int64_t ors = heads * d;
+#if defined(__AVX512BF16__)
+  if (d % 16 == 0) {
+    // Pack every (segment, head)'s keys and values once.
+    std::vector<int64_t> pack_off{0};
+    for (int64_t s = 0; s < segments; ++s)
+      pack_off.push_back(pack_off.back() + (cu[s + 1] - cu[s] + 63) / 64 * 64 * heads * d);
+    std::vector<uint16_t> kpack(pack_off.back()), vpack(pack_off.back());
+    at::parallel_for(0, segments * heads, 1, [&](int64_t b, int64_t e) {
+      for (int64_t sh = b; sh < e; ++sh) {
+        const int64_t s = sh / heads, h = sh % heads;
+        const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
+        const int64_t off = pack_off[s] + h * lp * d;
+        pack_kv(a, cu[s], len, h, lp, kpack.data() + off, vpack.data() + off);
+      }
+    });
+    at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+      std::vector<float> sbuf;
+      std::vector<uint16_t> pbuf, qbuf;
+      float inv[kAttnRows];
+      for (int64_t task = b; task < e; ++task) {
+        const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) -
+                          task_start.begin() - 1;
+        const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
+        const int64_t rows = rows_for(lp), blocks = (len + rows - 1) / rows;
+        const int64_t h = (task - task_start[s]) / blocks;
+        const int64_t r0 = (task - task_start[s]) % blocks * rows;
+        const int64_t r1 = std::min(len, r0 + rows);
+        const int64_t off = pack_off[s] + h * lp * d;
+        sbuf.resize(kAttnRows * lp);
+        pbuf.resize(kAttnRows * lp);
+        qbuf.assign(kAttnRows * d, 0);
+        for (int64_t i0 = r0; i0 < r1; i0 += kAttnRows) {
+          const int64_t n = std::min(kAttnRows, r1 - i0);
+          for (int64_t i = 0; i < n; ++i)
+            std::memcpy(qbuf.data() + i * d, a.q + (cu[s] + i0 + i) * a.qts + h * a.qhs,
+                        d * sizeof(uint16_t));
+          attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp, a.scale);
+          softmax_rows512(sbuf.data(), pbuf.data(), inv, kAttnRows, len, lp);
+          uint16_t* orow = a.out + (cu[s] + i0) * ors + h * d;
+          for (int64_t c0 = 0; c0 < d; c0 += 32) {
+            if (d - c0 >= 32) {
+              attn_values<2>(pbuf.data(), vpack.data() + off, inv, n, d, lp, len, c0, orow, ors);
+            } else {
+              attn_values<1>(pbuf.data(), vpack.data() + off, inv, n, d, lp, len, c0, orow, ors);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
+#endif
+  // Plain loops: the same arithmetic one query row at a time.
+  at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> srow, acc, qf;
+    std::vector<uint16_t> prow;
+    for (int64_t task = b; task < e; ++task) {
+      const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) -
+                        task_start.begin() - 1;
+      const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
+      const int64_t rows = rows_for(lp), blocks = (len + rows - 1) / rows;
+      const int64_t h = (task - task_start[s]) / blocks;
+      const int64_t r0 = (task - task_start[s]) % blocks * rows;
+      const int64_t r1 = std::min(len, r0 + rows);
+      srow.resize(lp);
+      prow.resize(lp);
+      qf.resize(d);
+      for (int64_t r = r0; r < r1; ++r) {
+        const uint16_t* qr = a.q + (cu[s] + r) * a.qts + h * a.qhs;
+        for (int64_t c = 0; c < d; ++c) qf[c] = bf2f(qr[c]);
+        for (int64_t n = 0; n < len; ++n) {
+          const uint16_t* kr = a.k + (cu[s] + n) * a.kts + h * a.khs;
+          float dot = 0.0f;
+          for (int64_t c = 0; c < d; ++c) dot += qf[c] * bf2f(kr[c]);
+          srow[n] = dot * a.scale;
+        }
+        float inv;
+        softmax_rows(srow.data(), prow.data(), &inv, 1, len, lp);
+        acc.assign(d, 0.0f);
+        for (int64_t n = 0; n < len; ++n) {
+          const uint16_t* vr = a.v + (cu[s] + n) * a.vts + h * a.vhs;
+          const float pn = bf2f(prow[n]);
+          for (int64_t c = 0; c < d; ++c) acc[c] += pn * bf2f(vr[c]);
+        }
+        uint16_t* orow = a.out + (cu[s] + r) * ors + h * d;
+        for (int64_t c = 0; c < d; ++c) orow[c] = f2bf(acc[c] * inv);
+      }
+    }
+  });
+}
+
+bool bf16_attention() { return kBf16Attention; }
+
 }  // namespace
 
 TORCH_LIBRARY(glmv, m) {
@@ -637,6 +978,9 @@ TORCH_LIBRARY(glmv, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias,"
         " int out_features) -> Tensor");
   m.def("int8_vnni() -> bool", &int8_vnni);  // whether int8_linear has its VNNI kernel
+  m.def("varlen_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens,"
+        " float scale) -> ()");
+  m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on vdpbf16ps
 }
 
 TORCH_LIBRARY_IMPL(glmv, CPU, m) {
@@ -648,4 +992,5 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("write_kv", &write_kv);
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("int8_linear", &int8_linear);
+  m.impl("varlen_attention", &varlen_attention);
 }
