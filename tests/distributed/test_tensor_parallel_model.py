@@ -25,7 +25,9 @@ def _prompts(checkpoint: Path) -> list[ProcessedPrompt]:
     processor = MultiModalProcessor.from_pretrained(checkpoint, media_policy=MediaPolicy.local())
     pixels = (np.arange(64 * 48 * 3) % 251).astype(np.uint8).reshape(48, 64, 3)
     image = PIL.Image.fromarray(pixels)
-    video = write_mp4(checkpoint.parent / f"{checkpoint.name}-clip.mp4")
+    video = checkpoint.parent / f"{checkpoint.name}-clip.mp4"
+    if not video.exists():  # written once, by the single-process run before the ranks start
+        write_mp4(video)  # (two ranks rewriting it while the other reads gave torn videos)
     return [
         processor.process_chat([{"role": "user", "content": "Say something about tensors."}]),
         processor.process_chat([{"role": "user", "content": [
