@@ -8,9 +8,12 @@
     abort_all(error) (drain deadline) -----> every request ends with `error`; no new ones
 
 The model forward is blocking PyTorch work, so it runs off the event loop; the loop only moves
-Python objects. The thread that steps the engine is the one that loaded it (`from_args`), so
-that every parallel region of the model runs in the process's first OpenMP team: a thread
-stepping a model another thread loaded got each product ~1.5x slower (see `_TorchThread`).
+Python objects. `glmv serve` steps the engine on its main thread (`host()`, `run()`) and runs
+the HTTP server on another: with libgomp, the OpenMP team of the process's initial thread is
+the fast one. A model loaded on the main thread and stepped on another ran each product ~1.5x
+slower (one-row bf16 product 333-555 us instead of 203-287), and when the cores are shared
+with other busy threads or processes, a team led by a non-initial thread ran up to 10x slower.
+`start()` steps it on a background thread instead (tests, embedding in another app).
 Media fetching and preprocessing run in a bounded thread pool of their own
 (`mm_max_concurrent_calls`) with a per-request timeout, so a slow download never stalls a step.
 """
@@ -115,44 +118,6 @@ class _Dead:
     reason: str  # a rank of the tensor-parallel group died while the engine was idle
 
 
-class _TorchThread:
-    """One daemon thread that runs the engine's torch work in order: loading, then stepping.
-
-    With libgomp every thread that opens a parallel region gets an OpenMP team of its own, and
-    once two teams exist, the products of a thread other than the first one to open a region
-    start slower: a one-row bf16 product of 8192x1024 took 203-287 us from that thread and
-    333-555 us from another (OMP_WAIT_POLICY changes nothing), 15-25 % per output token of
-    the whole decode. So the model is loaded and stepped by this same thread.
-    """
-
-    def __init__(self, name: str) -> None:
-        self._jobs: queue.SimpleQueue[
-            tuple[Callable[[], Any], concurrent.futures.Future[Any]] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[[], T]) -> concurrent.futures.Future[T]:
-        future: concurrent.futures.Future[T] = concurrent.futures.Future()
-        self._jobs.put((fn, future))
-        return future
-
-    def close(self) -> None:
-        """End the thread once its current job returns."""
-        self._jobs.put(None)
-
-    def _serve(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            fn, future = job
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = fn()
-            except BaseException as exc:  # handed to the waiter, which re-raises it
-                future.set_exception(exc)
-            else:
-                future.set_result(result)
-
-
 class AsyncEngine:
     """Owns an LLMEngine and the thread that steps it; safe to call from one event loop.
 
@@ -162,8 +127,7 @@ class AsyncEngine:
     away is aborted.
     """
 
-    def __init__(self, engine: LLMEngine, config: AsyncEngineConfig | None = None,
-                 *, _thread: _TorchThread | None = None) -> None:
+    def __init__(self, engine: LLMEngine, config: AsyncEngineConfig | None = None) -> None:
         self.engine = engine
         self.config = config or AsyncEngineConfig()
         self.processor = engine.processor
@@ -172,8 +136,10 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[_Add | _AbortAll | _Dead | str | None] = (
             queue.SimpleQueue())
         self._streams: dict[str, _Stream] = {}
-        self._thread = _thread  # the thread that loaded the engine, if from_args did
-        self._loop: concurrent.futures.Future[None] | None = None  # the step loop, once started
+        self._thread: threading.Thread | None = None  # start()'s stepping thread
+        self._hosted = False  # run() steps the engine on a thread the host owns
+        self._loop_done = threading.Event()  # set: no step loop is running or expected
+        self._loop_done.set()
         self._stopping = threading.Event()
         self._media_pool = concurrent.futures.ThreadPoolExecutor(
             self.config.mm_max_concurrent_calls, thread_name_prefix="glmv-media")
@@ -189,42 +155,48 @@ class AsyncEngine:
     @classmethod
     def from_args(cls, args: EngineArgs, media_policy: MediaPolicy | None = None,
                   config: AsyncEngineConfig | None = None) -> AsyncEngine:
-        """Load the model on the thread that will step it (started here, stepping after
-        `start()`); a loading error is raised here."""
-        thread = _TorchThread("glmv-engine")
-        try:
-            engine = thread.submit(lambda: LLMEngine.from_args(args, media_policy)).result()
-        except BaseException:
-            thread.close()
-            raise
-        return cls(engine, config, _thread=thread)
+        return cls(LLMEngine.from_args(args, media_policy), config)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def host(self) -> None:
+        """Declare that `run()` will step the engine on a thread the caller owns; `start()`
+        then starts nothing, and requests added before `run()` begins wait for it."""
+        self._hosted = True
+        self._stopping.clear()
+        self._refusal = None
+        self._loop_done.clear()
+
+    def run(self) -> None:
+        """Step the engine on the calling thread until `shutdown()` or `stop()` (after
+        `host()`); returns when the loop has ended."""
+        if not self._hosted:
+            raise EngineError("AsyncEngine.run() steps a hosted engine: call host() first")
+        self._run_loop()
+
     def start(self) -> None:
-        if self._loop is not None:
+        """Step the engine on a background thread of its own (nothing when hosted)."""
+        if self._hosted or self._thread is not None:
             return
         self._stopping.clear()
         self._refusal = None
-        if self._thread is None:
-            self._thread = _TorchThread("glmv-engine")
-        self._loop = self._thread.submit(self._run)
+        self._loop_done.clear()
+        self._thread = threading.Thread(target=self._run_loop, name="glmv-engine", daemon=True)
+        self._thread.start()
 
-    def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread (requests still running end with a ShuttingDownError), then
-        the other ranks, if any."""
+    def stop(self) -> None:
+        """Ask the step loop to end (requests still running end with a ShuttingDownError)."""
         self._stopping.set()
         self._commands.put(None)
-        stopped = True
-        if self._loop is not None:
-            concurrent.futures.wait([self._loop], timeout)
-            stopped = self._loop.done()
-            self._loop = None
-        if self._thread is not None:
-            self._thread.close()
-            self._thread = None
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the step loop (requests still running end with a ShuttingDownError), then
+        the other ranks, if any."""
+        self.stop()
+        stopped = self._loop_done.wait(timeout)
+        self._thread = None
         self._media_pool.shutdown(wait=False, cancel_futures=True)
-        if stopped:  # a thread still inside a step would race the ranks' teardown
+        if stopped:  # a loop still inside a step would race the ranks' teardown
             self.engine.shutdown()
 
     def abort_all(self, error: GlmvError) -> None:
@@ -236,7 +208,7 @@ class AsyncEngine:
 
     @property
     def is_alive(self) -> bool:
-        return self._loop is not None and not self._loop.done()
+        return not self._loop_done.is_set()
 
     @property
     def num_unfinished(self) -> int:
@@ -315,6 +287,12 @@ class AsyncEngine:
         self._commands.put(request_id)
 
     # -- the engine thread -------------------------------------------------------------------
+
+    def _run_loop(self) -> None:
+        try:
+            self._run()
+        finally:
+            self._loop_done.set()
 
     def _run(self) -> None:
         error: GlmvError = ShuttingDownError("the server is shutting down")

@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import logging
 import math
+import signal
 import socket
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import FrameType
@@ -74,8 +76,34 @@ def serve(args: ServeArgs) -> int:
                             timeout_graceful_shutdown=math.ceil(drain + _CANCEL_GRACE_S))
     server = DrainingServer(config, ctx, drain)
     ctx.engine.on_death = server.engine_died
-    server.run()
-    return 1 if server.died else 0
+    # The engine steps on this (the main) thread, HTTP runs on another: see AsyncEngine.
+    ctx.engine.host()
+    http = threading.Thread(target=_serve_http, args=(server, ctx), name="glmv-http")
+    previous = {sig: signal.signal(sig, server.handle_exit)
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        http.start()
+        ctx.engine.run()
+        http.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 1 if server.died or server.failed else 0
+
+
+def _serve_http(server: DrainingServer, ctx: ServerContext) -> None:
+    """uvicorn's loop (on its own thread); the engine's loop ends with it, however it ends."""
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits so when it cannot start (it has said why)
+        server.failed = exc.code not in (0, None)
+    except BaseException:
+        logger.exception("the HTTP server failed")
+        server.failed = True
+    finally:
+        if not server.started:
+            server.failed = True  # it never served (the port is taken, say)
+        ctx.engine.stop()
 
 
 class DrainingServer(uvicorn.Server):
@@ -95,6 +123,7 @@ class DrainingServer(uvicorn.Server):
         self.ctx = ctx
         self.shutdown_timeout = shutdown_timeout
         self.died = False
+        self.failed = False  # uvicorn raised, or never started serving
 
     def engine_died(self, error: Exception) -> None:
         """From the engine thread, once it cannot go on (a rank died): every request has its

@@ -163,8 +163,13 @@ def test_shutdown_timeout_ends_what_is_left_and_refuses_newcomers(tiny_checkpoin
 
 
 def _children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
+    """Child processes of `pid`, whichever of its threads started them."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        path = task / "children"
+        if path.exists():
+            children += [int(p) for p in path.read_text().split()]
+    return children
 
 
 def test_a_dead_worker_takes_the_server_down_with_a_clear_message(tiny_checkpoint: Any,

@@ -284,41 +284,40 @@ def test_abort_all_ends_every_request_and_refuses_new_ones(engine: AsyncEngine,
     assert engine.is_alive
 
 
-def test_from_args_steps_the_engine_on_the_thread_that_loaded_it(
-        tiny_checkpoint: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With OpenMP, a thread stepping a model that another thread loaded ran each product
-    ~1.5x slower, so loading and stepping share one thread (and a load error still reaches the
-    caller)."""
-    from glmv.engine.config import EngineArgs
-    from glmv.engine.llm_engine import LLMEngine
+def test_a_hosted_engine_steps_on_the_thread_that_runs_it(loaded: Any) -> None:
+    """glmv serve's arrangement: host(), requests from an event loop on another thread (one
+    added before run() begins waits for it), steps on the thread in run(), and shutdown() from
+    the other thread ends run()."""
+    eng = _async(loaded)
+    eng.host()
+    eng.start()  # the app's lifespan calls it: nothing to start when hosted
+    stepped_on: set[int] = set()
+    real_step = eng.engine.step
 
-    threads: dict[str, int] = {}
-    real_from_args = LLMEngine.from_args.__func__  # type: ignore[attr-defined]
+    def step() -> Any:
+        stepped_on.add(threading.get_ident())
+        return real_step()
+    eng.engine.step = step  # type: ignore[method-assign]
+    prompt = prompts(loaded[0], 1)[0]
+    results: list[tuple[list[int], str]] = []
 
-    def from_args(cls: type[LLMEngine], *args: Any, **kwargs: Any) -> LLMEngine:
-        threads["load"] = threading.get_ident()
-        built = real_from_args(cls, *args, **kwargs)
-        real_step = built.step
-
-        def step() -> Any:
-            threads["step"] = threading.get_ident()
-            return real_step()
-        built.step = step  # type: ignore[method-assign]
-        return built
-
-    monkeypatch.setattr(LLMEngine, "from_args", classmethod(from_args))
-    args = EngineArgs(model=str(tiny_checkpoint("glm-4.6v-flash")), dtype="float32",
-                      max_model_len=256, show_progress=False)
-    eng = AsyncEngine.from_args(args)
-    eng.start()
-    try:
-        prompt = eng.processor.process_chat([{"role": "user", "content": "hi"}])
-        ids, _ = asyncio.run(_collect(eng, "t", prompt, SamplingParams.greedy(max_tokens=2)))
-        assert len(ids) >= 1
-    finally:
+    def client() -> None:
+        results.append(asyncio.run(_collect(eng, "h", prompt,
+                                            SamplingParams.greedy(max_tokens=3, ignore_eos=True))))
         eng.shutdown()
-    assert threads["load"] == threads["step"] != threading.get_ident()
+
+    assert eng.is_alive  # accepting requests before run() begins
+    other = threading.Thread(target=client)
+    other.start()
+    time.sleep(0.2)  # the request is queued before the loop starts
+    eng.run()  # returns once the client thread's shutdown() stops it
+    other.join(10)
+    assert len(results) == 1 and len(results[0][0]) == 3
+    assert stepped_on == {threading.get_ident()}
     assert not eng.is_alive
 
-    with pytest.raises(GlmvError, match="does not exist"):
-        AsyncEngine.from_args(EngineArgs(model=str(tiny_checkpoint("glm-4.6v-flash")) + "-x"))
+
+def test_run_without_host_is_refused(loaded: Any) -> None:
+    eng = _async(loaded)
+    with pytest.raises(EngineError, match="host"):
+        eng.run()
