@@ -180,8 +180,8 @@ def test_write_kv_matches_index_copy() -> None:
         ops.write_kv(cache, k, v, torch.tensor([0, 1, 2, 3, 24]))
 
 
-def _decode_case(lens: list[int], heads: int, kv_heads: int, seed: int):
-    block_size, d = 4, 64
+def _decode_case(lens: list[int], heads: int, kv_heads: int, seed: int, d: int = 64,
+                 block_size: int = 4):
     g = torch.Generator().manual_seed(seed)
     num_blocks = sum(-(-n // block_size) for n in lens) + 3
     cache = (torch.randn(2, num_blocks, block_size, kv_heads, d, generator=g)).to(BF16)
@@ -215,13 +215,23 @@ def _reference_attention(cache, meta, q, scale) -> torch.Tensor:
     return torch.stack(outs)
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 4), (6, 1)])
-def test_paged_decode_attention_matches_fp32_reference(heads: int, kv_heads: int) -> None:
-    lens = [2, 3, 4, 17, 50]
-    cache, meta, q = _decode_case(lens, heads, kv_heads, seed=heads * 10 + kv_heads)
+# head_dim 64 and 128 take the AVX512-BF16 kernel where the CPU has it (groups of 4 query
+# heads, a 16-head group as in GLM-4.1V, a 6-head one split 4 + 2), 48 the plain loops.
+@pytest.mark.parametrize("heads,kv_heads,d,block_size,lens", [
+    (8, 2, 64, 4, [2, 3, 4, 17, 50]),
+    (4, 4, 64, 4, [2, 3, 4, 17, 50]),
+    (6, 1, 64, 4, [2, 3, 4, 17, 50]),
+    (32, 2, 128, 16, [2, 15, 16, 33, 300]),
+    (8, 2, 96, 16, [5, 40]),
+    (6, 2, 48, 4, [2, 3, 17, 50]),
+])
+def test_paged_decode_attention_matches_fp32_reference(heads: int, kv_heads: int, d: int,
+                                                      block_size: int, lens: list[int]) -> None:
+    cache, meta, q = _decode_case(lens, heads, kv_heads, seed=heads * 10 + kv_heads, d=d,
+                                  block_size=block_size)
     batch = meta.decode_batch()
     assert batch is not None
-    scale = 64**-0.5
+    scale = d**-0.5
     out = torch.full_like(q, float("nan"))
     seq_idx = torch.arange(len(lens))
     ops.paged_decode_attention(out, q, cache, meta.block_tables, seq_idx, seq_idx,

@@ -10,8 +10,9 @@
 // rounds its probabilities to bf16.
 //
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
-// vectorises them for the machine it runs on (the int8 product alone uses AVX512-VNNI
-// intrinsics, with a plain fallback); threads come from ATen's pool (at::parallel_for).
+// vectorises them for the machine it runs on; the int8 product (AVX512-VNNI) and both
+// attentions (AVX512-BF16) use intrinsics, each with a plain fallback. Threads come from
+// ATen's pool (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -376,124 +377,6 @@ void write_kv(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor&
   });
 }
 
-// Decode attention straight from the paged cache: for decode sequence i (one new token at row
-// token_idx[i] of q), attend over the seq_lens[i] cached keys listed by
-// block_tables[seq_idx[i]] and write out[token_idx[i]]. q, out [tokens, heads, head_dim]
-// (unit stride along head_dim); grouped-query heads share their KV head. Scores, softmax and
-// the weighted sum stay in fp32; one rounding to bf16 at the end.
-void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
-                            const at::Tensor& block_tables, const at::Tensor& seq_idx,
-                            const at::Tensor& token_idx, const at::Tensor& seq_lens,
-                            double scale) {
-  check_cache(kv_cache);
-  check_bf16(q, "q");
-  check_bf16(out, "out");
-  int64_t block_size = kv_cache.size(2), kvh = kv_cache.size(3), d = kv_cache.size(4);
-  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.size(2) == d, "q must be [tokens, heads, ",
-              d, "]");
-  int64_t heads = q.size(1);
-  TORCH_CHECK(heads % kvh == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(out.dim() == 3 && out.size(1) == heads && out.size(2) == d && out.stride(2) == 1,
-              "out must be shaped like q");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                  block_tables.is_contiguous(),
-              "block_tables must be a contiguous int32 [seqs, max_blocks]");
-  for (const at::Tensor* t : {&seq_idx, &token_idx, &seq_lens})
-    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 &&
-                    t->numel() == seq_idx.numel(),
-                "seq_idx, token_idx and seq_lens must be int64 vectors of the same length");
-  int64_t num = seq_idx.numel();
-  int64_t max_blocks = block_tables.size(1);
-  int64_t num_blocks = kv_cache.size(1);
-  const int64_t* si = seq_idx.data_ptr<int64_t>();
-  const int64_t* ti = token_idx.data_ptr<int64_t>();
-  const int64_t* sl = seq_lens.data_ptr<int64_t>();
-  for (int64_t i = 0; i < num; ++i) {
-    TORCH_CHECK(si[i] >= 0 && si[i] < block_tables.size(0), "seq_idx out of range");
-    TORCH_CHECK(ti[i] >= 0 && ti[i] < q.size(0) && ti[i] < out.size(0), "token_idx out of range");
-    TORCH_CHECK(sl[i] >= 1 && sl[i] <= max_blocks * block_size, "seq_len out of range");
-    const int32_t* table = block_tables.data_ptr<int32_t>() + si[i] * max_blocks;
-    for (int64_t b = 0; b < (sl[i] + block_size - 1) / block_size; ++b)
-      TORCH_CHECK(table[b] >= 0 && table[b] < kv_cache.size(1), "block id ", table[b],
-                  " out of range");
-  }
-  const int32_t* bt = block_tables.data_ptr<int32_t>();
-  const uint16_t* kc = bits(kv_cache);
-  const uint16_t* vc = kc + num_blocks * block_size * kvh * d;
-  const uint16_t* qp = bits(q);
-  uint16_t* op = mbits(out);
-  int64_t group = heads / kvh;
-  int64_t qts = q.stride(0), qhs = q.stride(1), ots = out.stride(0), ohs = out.stride(1);
-  int64_t slot_row = kvh * d;
-  float fscale = float(scale);
-
-  at::parallel_for(0, num * kvh, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf, scores, acc;
-    for (int64_t task = begin; task < end; ++task) {
-      int64_t i = task / kvh, kh = task % kvh;
-      int64_t len = sl[i];
-      const int32_t* table = bt + si[i] * max_blocks;
-      qf.assign(group * d, 0.0f);
-      scores.resize(group * len);
-      acc.assign(group * d, 0.0f);
-      for (int64_t g = 0; g < group; ++g) {
-        const uint16_t* qr = qp + ti[i] * qts + (kh * group + g) * qhs;
-        for (int64_t j = 0; j < d; ++j) qf[g * d + j] = bf2f(qr[j]) * fscale;
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        int64_t block = table[t / block_size];
-        const uint16_t* kr = kc + (block * block_size + t % block_size) * slot_row + kh * d;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* qg = qf.data() + g * d;
-          float lanes[kLanes] = {};
-          int64_t j = 0;
-          for (; j + kLanes <= d; j += kLanes)
-            for (int l = 0; l < kLanes; ++l) lanes[l] += qg[j + l] * bf2f(kr[j + l]);
-          float s = 0.0f;
-          for (int l = 0; l < kLanes; ++l) s += lanes[l];
-          for (; j < d; ++j) s += qg[j] * bf2f(kr[j]);
-          scores[g * len + t] = s;
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
-        // lane-wise max and sum so that the loops vectorise (fp32 sums are not reassociated)
-        float lanes[kLanes];
-        std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
-        int64_t t = 0;
-        for (; t + kLanes <= len; t += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sg[t + l]);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
-        for (; t < len; ++t) m = std::max(m, sg[t]);
-        for (t = 0; t < len; ++t) sg[t] = exp_approx(sg[t] - m);
-        std::fill_n(lanes, kLanes, 0.0f);
-        for (t = 0; t + kLanes <= len; t += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] += sg[t + l];
-        float total = 0.0f;
-        for (int l = 0; l < kLanes; ++l) total += lanes[l];
-        for (; t < len; ++t) total += sg[t];
-        float inv = 1.0f / total;
-        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
-      }
-      for (int64_t t = 0; t < len; ++t) {
-        int64_t block = table[t / block_size];
-        const uint16_t* vr = vc + (block * block_size + t % block_size) * slot_row + kh * d;
-        for (int64_t g = 0; g < group; ++g) {
-          float p = scores[g * len + t];
-          float* ag = acc.data() + g * d;
-          for (int64_t j = 0; j < d; ++j) ag[j] += p * bf2f(vr[j]);
-        }
-      }
-      for (int64_t g = 0; g < group; ++g) {
-        uint16_t* orow = op + ti[i] * ots + (kh * group + g) * ohs;
-        for (int64_t j = 0; j < d; ++j) orow[j] = f2bf(acc[g * d + j]);
-      }
-    }
-  });
-}
-
-
 // ---------------------------------------------------------------------------------------------
 // W8A8 int8 linear (--quantization int8): y = x W^T + b with W int8 per output channel
 // (scale sw[n]) and x quantized per row here (symmetric, scale sx[m]):
@@ -835,6 +718,300 @@ void attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_
 #else
 constexpr bool kBf16Attention = false;
 #endif
+
+#if defined(__AVX512BF16__)
+// Decode attention for one (sequence, KV head) on AVX512-BF16. krows/vrows: the len cached key
+// and value rows of this KV head; q: the group's query rows (stride qhs). Scores on vdpbf16ps
+// over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
+// the weighted sum of the values in fp32; one rounding to bf16 at the end.
+inline __m512 load_bf16x16(const uint16_t* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+
+template <int GW>
+void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
+                   float scale, float* s, int64_t lp) {
+  __m512 acc[GW];
+  for (auto& r : acc) r = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m512bh b = (__m512bh)_mm512_loadu_si512(kp + p * 32);
+    for (int g = 0; g < GW; ++g)
+      acc[g] = _mm512_dpbf16_ps(acc[g], bcast_pair(q + g * qhs + 2 * p), b);
+  }
+  for (int g = 0; g < GW; ++g)
+    _mm512_storeu_ps(s + g * lp, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
+}
+
+// out[g][c0 + 16c] = sum_t p[g][t] v[t][c0 + 16c] for GW query rows, NC x 16 columns
+template <int GW, int NC>
+void decode_values(const float* p, int64_t lp, const uint16_t* const* vrows, int64_t len,
+                   int64_t c0, uint16_t* out, int64_t ohs) {
+  __m512 acc[GW][NC];
+  for (auto& row : acc)
+    for (auto& r : row) r = _mm512_setzero_ps();
+  for (int64_t t = 0; t < len; ++t) {
+    __m512 v[NC];
+    for (int c = 0; c < NC; ++c) v[c] = load_bf16x16(vrows[t] + c0 + 16 * c);
+    for (int g = 0; g < GW; ++g) {
+      const __m512 pg = _mm512_set1_ps(p[g * lp + t]);
+      for (int c = 0; c < NC; ++c) acc[g][c] = _mm512_fmadd_ps(pg, v[c], acc[g][c]);
+    }
+  }
+  for (int g = 0; g < GW; ++g)
+    for (int c = 0; c < NC; ++c)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * ohs + c0 + 16 * c),
+                          (__m256i)_mm512_cvtneps_pbh(acc[g][c]));
+}
+
+// softmax of rows [0, rows) of s in place (row stride lp, `len` valid columns), normalised
+void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
+  for (int64_t i = 0; i < rows; ++i) {
+    float* sr = s + i * lp;
+    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    int64_t n = 0;
+    for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
+    const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
+    if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 sum = _mm512_setzero_ps();
+    for (n = 0; n < lp; n += 16) {
+      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
+                             : n < len    ? __mmask16((1u << (len - n)) - 1)
+                                          : __mmask16(0);
+      const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_storeu_ps(sr + n, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (n = 0; n < lp; n += 16) _mm512_storeu_ps(sr + n, _mm512_mul_ps(_mm512_loadu_ps(sr + n), inv));
+  }
+}
+
+// r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit lanes
+inline void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+struct DecodeScratch {
+  std::vector<const uint16_t*> krows, vrows;
+  std::vector<uint16_t> kp;
+  std::vector<float> s;
+};
+
+void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, int64_t group,
+                    int64_t d, int64_t len, float scale, DecodeScratch& w) {
+  const int64_t pairs = d / 2, lp = (len + 15) / 16 * 16;
+  w.kp.resize(pairs * 32);
+  w.s.resize(group * lp);
+  for (int64_t t0 = 0; t0 < len; t0 += 16) {
+    const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t c = 0; c < pairs / 16; ++c) {  // 16 keys x 16 pairs, transposed
+      __m512i r[16];
+      for (int64_t l = 0; l < 16; ++l)
+        r[l] = l < n ? _mm512_loadu_si512(w.krows[t0 + l] + 32 * c) : _mm512_setzero_si512();
+      transpose16x16(r);
+      for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(w.kp.data() + (16 * c + p) * 32, r[p]);
+    }
+    for (int64_t g0 = 0; g0 < group; g0 += 4) {
+      const uint16_t* qg = q + g0 * qhs;
+      float* sg = w.s.data() + g0 * lp + t0;
+      switch (std::min<int64_t>(4, group - g0)) {
+        case 4: decode_scores<4>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
+        case 3: decode_scores<3>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
+        case 2: decode_scores<2>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
+        default: decode_scores<1>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
+      }
+    }
+  }
+  softmax_rows_f32(w.s.data(), group, len, lp);
+  const uint16_t* const* vrows = w.vrows.data();
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    const float* pg = w.s.data() + g0 * lp;
+    uint16_t* og = out + g0 * ohs;
+    const int64_t gw = std::min<int64_t>(4, group - g0);
+    for (int64_t c0 = 0; c0 < d; c0 += 64) {
+      if (d - c0 >= 64) {
+        switch (gw) {
+          case 4: decode_values<4, 4>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 3: decode_values<3, 4>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 2: decode_values<2, 4>(pg, lp, vrows, len, c0, og, ohs); break;
+          default: decode_values<1, 4>(pg, lp, vrows, len, c0, og, ohs); break;
+        }
+      } else {  // d % 64 == 32
+        switch (gw) {
+          case 4: decode_values<4, 2>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 3: decode_values<3, 2>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 2: decode_values<2, 2>(pg, lp, vrows, len, c0, og, ohs); break;
+          default: decode_values<1, 2>(pg, lp, vrows, len, c0, og, ohs); break;
+        }
+      }
+    }
+  }
+}
+#endif
+
+// Decode attention straight from the paged cache: for decode sequence i (one new token at row
+// token_idx[i] of q), attend over the seq_lens[i] cached keys listed by
+// block_tables[seq_idx[i]] and write out[token_idx[i]]. q, out [tokens, heads, head_dim]
+// (unit stride along head_dim); grouped-query heads share their KV head. Scores, softmax and
+// the weighted sum stay in fp32; one rounding to bf16 at the end. With AVX512-BF16 and a
+// head_dim that divides by 32 the scores run on vdpbf16ps (decode_task512), else plain loops.
+void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_idx,
+                            const at::Tensor& token_idx, const at::Tensor& seq_lens,
+                            double scale) {
+  check_cache(kv_cache);
+  check_bf16(q, "q");
+  check_bf16(out, "out");
+  int64_t block_size = kv_cache.size(2), kvh = kv_cache.size(3), d = kv_cache.size(4);
+  TORCH_CHECK(q.dim() == 3 && q.stride(2) == 1 && q.size(2) == d, "q must be [tokens, heads, ",
+              d, "]");
+  int64_t heads = q.size(1);
+  TORCH_CHECK(heads % kvh == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(out.dim() == 3 && out.size(1) == heads && out.size(2) == d && out.stride(2) == 1,
+              "out must be shaped like q");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                  block_tables.is_contiguous(),
+              "block_tables must be a contiguous int32 [seqs, max_blocks]");
+  for (const at::Tensor* t : {&seq_idx, &token_idx, &seq_lens})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->dim() == 1 &&
+                    t->numel() == seq_idx.numel(),
+                "seq_idx, token_idx and seq_lens must be int64 vectors of the same length");
+  int64_t num = seq_idx.numel();
+  int64_t max_blocks = block_tables.size(1);
+  int64_t num_blocks = kv_cache.size(1);
+  const int64_t* si = seq_idx.data_ptr<int64_t>();
+  const int64_t* ti = token_idx.data_ptr<int64_t>();
+  const int64_t* sl = seq_lens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < num; ++i) {
+    TORCH_CHECK(si[i] >= 0 && si[i] < block_tables.size(0), "seq_idx out of range");
+    TORCH_CHECK(ti[i] >= 0 && ti[i] < q.size(0) && ti[i] < out.size(0), "token_idx out of range");
+    TORCH_CHECK(sl[i] >= 1 && sl[i] <= max_blocks * block_size, "seq_len out of range");
+    const int32_t* table = block_tables.data_ptr<int32_t>() + si[i] * max_blocks;
+    for (int64_t b = 0; b < (sl[i] + block_size - 1) / block_size; ++b)
+      TORCH_CHECK(table[b] >= 0 && table[b] < kv_cache.size(1), "block id ", table[b],
+                  " out of range");
+  }
+  const int32_t* bt = block_tables.data_ptr<int32_t>();
+  const uint16_t* kc = bits(kv_cache);
+  const uint16_t* vc = kc + num_blocks * block_size * kvh * d;
+  const uint16_t* qp = bits(q);
+  uint16_t* op = mbits(out);
+  int64_t group = heads / kvh;
+  int64_t qts = q.stride(0), qhs = q.stride(1), ots = out.stride(0), ohs = out.stride(1);
+  int64_t slot_row = kvh * d;
+  float fscale = float(scale);
+
+#if defined(__AVX512BF16__)
+  if (d % 32 == 0) {
+    at::parallel_for(0, num * kvh, 1, [&](int64_t begin, int64_t end) {
+      DecodeScratch w;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = task / kvh, kh = task % kvh, len = sl[i];
+        const int32_t* table = bt + si[i] * max_blocks;
+        w.krows.resize(len);
+        w.vrows.resize(len);
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t row = (table[t / block_size] * block_size + t % block_size) * slot_row;
+          w.krows[t] = kc + row + kh * d;
+          w.vrows[t] = vc + row + kh * d;
+        }
+        decode_task512(qp + ti[i] * qts + kh * group * qhs, qhs,
+                       op + ti[i] * ots + kh * group * ohs, ohs, group, d, len,
+                       fscale, w);
+      }
+    });
+    return;
+  }
+#endif
+  // Plain loops
+  at::parallel_for(0, num * kvh, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, scores, acc;
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t i = task / kvh, kh = task % kvh;
+      int64_t len = sl[i];
+      const int32_t* table = bt + si[i] * max_blocks;
+      qf.assign(group * d, 0.0f);
+      scores.resize(group * len);
+      acc.assign(group * d, 0.0f);
+      for (int64_t g = 0; g < group; ++g) {
+        const uint16_t* qr = qp + ti[i] * qts + (kh * group + g) * qhs;
+        for (int64_t j = 0; j < d; ++j) qf[g * d + j] = bf2f(qr[j]) * fscale;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        int64_t block = table[t / block_size];
+        const uint16_t* kr = kc + (block * block_size + t % block_size) * slot_row + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * d;
+          float lanes[kLanes] = {};
+          int64_t j = 0;
+          for (; j + kLanes <= d; j += kLanes)
+            for (int l = 0; l < kLanes; ++l) lanes[l] += qg[j + l] * bf2f(kr[j + l]);
+          float s = 0.0f;
+          for (int l = 0; l < kLanes; ++l) s += lanes[l];
+          for (; j < d; ++j) s += qg[j] * bf2f(kr[j]);
+          scores[g * len + t] = s;
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        // lane-wise max and sum so that the loops vectorise (fp32 sums are not reassociated)
+        float lanes[kLanes];
+        std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
+        int64_t t = 0;
+        for (; t + kLanes <= len; t += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sg[t + l]);
+        float m = -std::numeric_limits<float>::infinity();
+        for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+        for (; t < len; ++t) m = std::max(m, sg[t]);
+        for (t = 0; t < len; ++t) sg[t] = exp_approx(sg[t] - m);
+        std::fill_n(lanes, kLanes, 0.0f);
+        for (t = 0; t + kLanes <= len; t += kLanes)
+          for (int l = 0; l < kLanes; ++l) lanes[l] += sg[t + l];
+        float total = 0.0f;
+        for (int l = 0; l < kLanes; ++l) total += lanes[l];
+        for (; t < len; ++t) total += sg[t];
+        float inv = 1.0f / total;
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+      for (int64_t t = 0; t < len; ++t) {
+        int64_t block = table[t / block_size];
+        const uint16_t* vr = vc + (block * block_size + t % block_size) * slot_row + kh * d;
+        for (int64_t g = 0; g < group; ++g) {
+          float p = scores[g * len + t];
+          float* ag = acc.data() + g * d;
+          for (int64_t j = 0; j < d; ++j) ag[j] += p * bf2f(vr[j]);
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        uint16_t* orow = op + ti[i] * ots + (kh * group + g) * ohs;
+        for (int64_t j = 0; j < d; ++j) orow[j] = f2bf(acc[g * d + j]);
+      }
+    }
+  });
+}
+
+
 
 void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
                       const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
