@@ -191,7 +191,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens computed per step (default 512 on CPU, 2048 on GPU)")
     p.add_argument("--kv-cache-memory", type=float, default=None,
                    help="KV cache size in GiB (default 4 on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)

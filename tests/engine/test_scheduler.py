@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from glmv.engine.config import EngineArgs
 from glmv.engine.request import Request, RequestStatus
 from glmv.engine.scheduler import Scheduler
 from glmv.sampling_params import SamplingParams
@@ -31,6 +32,17 @@ def test_scheduler_and_block_manager_do_not_import_torch() -> None:
 
 
 # -- the token budget ------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("device", "chunked", "budget"), [
+    ("cpu", True, 512), ("cuda", True, 2048), ("cuda:1", True, 2048),
+    ("cpu", False, 4096),  # without chunking a step must hold a whole prompt
+])
+def test_default_budget_follows_the_device(device: str, chunked: bool, budget: int) -> None:
+    args = EngineArgs(device=device, enable_chunked_prefill=chunked)
+    assert args.scheduler_config(max_model_len=4096).max_num_batched_tokens == budget
+    given = EngineArgs(device=device, max_num_batched_tokens=8192)
+    assert given.scheduler_config(max_model_len=4096).max_num_batched_tokens == 8192
+
 
 def test_budget_is_shared_by_decodes_and_a_chunked_prefill() -> None:
     sched, runner = make_scheduler(max_num_batched_tokens=10), FakeRunner()
