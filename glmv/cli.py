@@ -7,7 +7,6 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -279,24 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# How long (busy-wait iterations) an idle OpenMP thread of libgomp spins before it sleeps.
-# libgomp's default, 300000, suits a machine that runs nothing else; a server shares its cores
-# with the HTTP thread, media decoding and its clients, and the engine's threads waiting at the
-# end of each product then take the CPU those need: with the cores shared by a second busy
-# process, 1500 streamed tokens of the tiny model took 39-64 s at the default and 9.8 s at
-# 10000, with no loss measured when the machine is idle (docs/deployment.md).
-DEFAULT_GOMP_SPINCOUNT = "10000"
-
-
-def _set_openmp_defaults() -> None:
-    """Before torch loads libgomp (which reads its environment once); the user's own
-    GOMP_SPINCOUNT or OMP_WAIT_POLICY wins."""
-    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
-        os.environ["GOMP_SPINCOUNT"] = DEFAULT_GOMP_SPINCOUNT
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    _set_openmp_defaults()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

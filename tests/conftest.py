@@ -19,6 +19,14 @@ spec is written once).
 
 from __future__ import annotations
 
+import os
+
+# The suite runs two workers on two cores and starts servers beside them, so the cores are
+# always oversubscribed. libgomp's idle threads then spin away the CPU the others need (a
+# streamed reply took 10x longer); a short spin, set before torch loads libgomp here and
+# inherited by every server and rank the tests start, keeps them out of each other's way.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+
 import shutil
 from collections.abc import Callable
 from pathlib import Path

@@ -8,7 +8,6 @@ GLMV_CACHE_DIR shared by this module.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -23,7 +22,7 @@ from huggingface_hub import constants
 
 import glmv
 from glmv.checkpoint import CheckpointReader
-from glmv.cli import DEFAULT_GOMP_SPINCOUNT, main
+from glmv.cli import main
 from glmv.models.glm4v_moe import Glm4vMoeForConditionalGeneration
 from glmv.models.loader import load_model
 from tests.conftest import copy_checkpoint
@@ -351,28 +350,3 @@ def test_version_from_python_m() -> None:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"glmv {glmv.__version__}"
 
-
-# --------------------------------------------------------------------------- OpenMP defaults
-
-_SPIN_PROBE = """
-import os, sys
-from glmv import cli
-assert 'torch' not in sys.modules, 'glmv.cli imported torch before main() could set libgomp up'
-cli._set_openmp_defaults()
-print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))
-"""
-
-
-@pytest.mark.parametrize(("env", "printed"), [
-    ({}, f"{DEFAULT_GOMP_SPINCOUNT} None"),
-    ({"GOMP_SPINCOUNT": "300000"}, "300000 None"),
-    ({"OMP_WAIT_POLICY": "active"}, "None active"),  # libgomp lets a spin count override it
-])
-def test_the_command_sets_the_openmp_spin_before_torch_loads(env: dict[str, str],
-                                                             printed: str) -> None:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
-    proc = subprocess.run([sys.executable, "-c", _SPIN_PROBE], capture_output=True, text=True,
-                          cwd=ROOT, env={**base, **env}, timeout=120, check=False)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == printed
