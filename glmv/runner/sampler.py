@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from glmv.engine.outputs import Logprob, PositionLogprobs
+from glmv.kernels import cpu_ops
 from glmv.sampling_params import SamplingParams
 
 #: Temperatures below this sample greedily (vLLM's epsilon): dividing by them overflows.
@@ -86,10 +87,10 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
         """logits [R, vocab] (any float dtype), one row per entry of `rows` -> R token ids
         (+ logprobs). Work is done in float32 (torch's bf16 argmax is ~5x slower on CPU than
-        converting first)."""
+        converting first), except for an all-greedy batch of bf16 CPU logits without logprobs:
+        the CPU kernel takes its argmax from the bf16 rows (the same indices, no conversion)."""
         num_rows = len(rows)
         assert logits.dim() == 2 and logits.shape[0] == num_rows, (logits.shape, num_rows)
-        logits = logits.float()  # no-op for float32
         plain_greedy: list[int] = []  # argmax of the raw row
         edited_greedy: list[int] = []
         sampled: list[int] = []
@@ -100,6 +101,12 @@ class Sampler:
                 sampled.append(i)
             else:
                 (edited_greedy if row.edits_logits else plain_greedy).append(i)
+        num_asking = sum(r.params.logprobs is not None for r in rows)
+        ops = cpu_ops(logits)
+        if len(plain_greedy) == num_rows and not num_asking and ops is not None:
+            # all greedy, no logprobs: the kernel's argmax of the bf16 rows (the same index)
+            return SamplerOutput(ops.argmax_rows(logits).tolist(), [None] * num_rows)
+        logits = logits.float()  # no-op for float32
 
         if len(plain_greedy) == num_rows:  # the common case: one argmax, one transfer
             token_ids: list[int] = logits.argmax(dim=-1).tolist()
@@ -119,7 +126,6 @@ class Sampler:
             for i, row in enumerate(rows):
                 if row.forced_token is not None:
                     token_ids[i] = row.forced_token
-        num_asking = sum(r.params.logprobs is not None for r in rows)
         scratch = self._workspace(num_asking, logits) if num_asking else None
         return SamplerOutput(token_ids, compute_logprobs(logits, rows, token_ids, scratch))
 

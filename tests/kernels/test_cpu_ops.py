@@ -281,3 +281,28 @@ def test_build_failure_is_logged_and_falls_back(monkeypatch: pytest.MonkeyPatch,
     assert kernels.status() == "not used (RuntimeError: no compiler here)"
     x = torch.ones(3, 8, dtype=BF16)
     assert torch.equal(_norm(8, 0)(x), _norm(8, 0).reference(x))  # the layer still works
+
+
+@pytest.mark.parametrize("n", [1, 17, 32, 151552])
+def test_argmax_rows_is_torch_argmax(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(9, n, generator=g).to(BF16)  # bf16: ties are common at this width
+    x[1] = float("-inf")  # all -inf: index 0
+    x[2, n // 2] = float("nan")
+    x[2, n - 1] = float("nan")  # the first NaN wins
+    x[3] = 1.0  # all equal: the first
+    x[4, n - 1] = 100.0  # the maximum in the tail
+    x[5, -1:] = float("nan")
+    got = ops.argmax_rows(x)
+    assert got.dtype == torch.long
+    assert got.tolist() == x.float().argmax(dim=-1).tolist()
+    # a strided view of rows (the logits of some rows only)
+    assert ops.argmax_rows(x[::2]).tolist() == x[::2].float().argmax(dim=-1).tolist()
+
+
+def test_argmax_rows_ties_in_different_lanes() -> None:
+    x = torch.zeros(3, 64, dtype=BF16)
+    x[0, 40], x[0, 3] = 5.0, 5.0  # lanes 8 and 3: index 3
+    x[1, 17], x[1, 33] = 5.0, 5.0  # the same lane, later block: index 17
+    x[2, 63], x[2, 31] = 2.0, 2.0
+    assert ops.argmax_rows(x).tolist() == [3, 17, 31]

@@ -72,6 +72,15 @@ def test_greedy_is_argmax_and_skips_all_work() -> None:
     assert sampler._scratch is None  # one argmax, no per-row copies
 
 
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_greedy_on_bf16_logits_picks_what_float_argmax_picks(logprobs: int | None) -> None:
+    # bf16 CPU logits take the kernel's argmax unless a row asks for logprobs
+    logits = torch.randn(16, 5000, generator=torch.Generator().manual_seed(3)).bfloat16()
+    out = Sampler()(logits, [row(temperature=0.0, logprobs=logprobs)] * 16)
+    assert out.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert (out.logprobs == [None] * 16) == (logprobs is None)
+
+
 def test_caller_logits_are_not_modified() -> None:
     logits = torch.randn(4, 50)
     before = logits.clone()
