@@ -7,10 +7,11 @@ int8 per token, quantized inside each product. The product is the CPU kernel
 bytes of bf16 weights to stream), which takes the weights in VNNI blocks of 16 channels x 4
 inputs.
 
-Quantized: the decoder's dense products (attention q/k/v and o, the MLPs and shared experts)
-and the LM head (unless tied to the embeddings), i.e. every weight a decode step streams but
-the routed experts' (grouped products, left for later). The vision tower (compute-bound
-prefill work on few, large batches) and the embeddings stay in the model's dtype.
+Quantized: the decoder's dense products (attention q/k/v and o, the MLPs and shared experts),
+the LM head (unless tied to the embeddings), and the vision tower's linear layers (attention,
+MLP, patch merger: compute-bound work, where int8 products run ~1.4x bf16 ones). The routed
+experts (grouped products, left for later), the embeddings and the tower's patch embedding
+and downsample convolutions stay in the model's dtype.
 """
 
 from __future__ import annotations

@@ -162,8 +162,8 @@ def load_model(model_dir: str | Path, cfg: ModelConfig | None = None,
                ) -> Glm4vForConditionalGeneration:
     """The model of `model_dir` with its weights, in eval mode, ready for inference.
 
-    `quantization="int8"`: the decoder's linear layers are then quantized to int8 (W8A8,
-    layers/quantization.py)."""
+    `quantization="int8"`: the linear layers of the decoder and the vision tower are then
+    quantized to int8 (W8A8, layers/quantization.py)."""
     cfg = cfg or ModelConfig.from_pretrained(model_dir)
     torch_dtype = resolve_dtype(dtype, cfg)
     check_quantization(quantization, torch_dtype, torch.device(device))
@@ -177,6 +177,7 @@ def load_model(model_dir: str | Path, cfg: ModelConfig | None = None,
         reader.close()
     if quantization is not None:
         quantize_linear_layers(model.model.language_model)
+        quantize_linear_layers(model.model.visual)
         if not cfg.tie_word_embeddings:  # a tied head is the embedding table: kept whole
             quantize_linear_layers(model.lm_head)
     return model.eval().requires_grad_(False)
