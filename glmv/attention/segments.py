@@ -30,7 +30,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if (ops is not None and head_dim % _KERNEL_HEAD_DIM_MULTIPLE == 0
             and all(t.stride(2) == 1 and t.dtype is q.dtype for t in (q, k, v))):
         cu_seqlens = torch.tensor([0, *itertools.accumulate(seg_lens)], dtype=torch.long)
-        ops.varlen_attention(out, q, k, v, cu_seqlens, head_dim**-0.5)
+        ops.varlen_attention(out, q, k, v, cu_seqlens, cu_seqlens, head_dim**-0.5, False)
         return out
     start = 0
     for length in seg_lens:

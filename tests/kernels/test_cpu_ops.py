@@ -135,7 +135,7 @@ def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: lis
     q, k, v = qkv.unbind(1)
     out = torch.full((n, heads, head_dim), float("nan"), dtype=BF16)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    ops.varlen_attention(out, q, k, v, cu, head_dim**-0.5)
+    ops.varlen_attention(out, q, k, v, cu, cu, head_dim**-0.5, False)
     ref = _segment_reference(q, k, v, lens)
     sdpa_err = (_segment_reference(q, k, v, lens).to(BF16).double() - ref).abs().max()
     for i, m in enumerate(lens):
@@ -154,15 +154,78 @@ def test_varlen_attention_keeps_segments_apart() -> None:
     qkv = _bf16(137, 3, 2, 32, seed=5)
     cu = torch.tensor([0, 40, 47, 137])
     first = torch.empty(137, 2, 32, dtype=BF16)
-    ops.varlen_attention(first, *qkv.unbind(1), cu, 32**-0.5)
+    ops.varlen_attention(first, *qkv.unbind(1), cu, cu, 32**-0.5, False)
     qkv[40:47, 1:] = _bf16(7, 2, 2, 32, seed=6)
     second = torch.empty_like(first)
-    ops.varlen_attention(second, *qkv.unbind(1), cu, 32**-0.5)
+    ops.varlen_attention(second, *qkv.unbind(1), cu, cu, 32**-0.5, False)
     assert torch.equal(first[:40], second[:40]) and torch.equal(first[47:], second[47:])
     assert not torch.equal(first[40:47], second[40:47])
-    with pytest.raises(RuntimeError, match="from 0 to tokens"):
-        ops.varlen_attention(second, *qkv.unbind(1), torch.tensor([0, 40, 136]), 1.0)
+    with pytest.raises(RuntimeError, match="cu_q must run from 0"):
+        bad = torch.tensor([0, 40, 47, 136])
+        ops.varlen_attention(second, *qkv.unbind(1), bad, bad, 1.0, False)
     assert len(lens) == 3
+
+
+def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: list[int],
+                      lk: list[int]) -> torch.Tensor:
+    """fp64 SDPA per segment, each segment's queries the last of its keys (bottom-right)."""
+    group = q.shape[1] // k.shape[1]
+    out, qs, ks = [], 0, 0
+    for nq, nk in zip(lq, lk, strict=True):
+        qi = q[qs:qs + nq].double().transpose(0, 1)
+        ki, vi = (t[ks:ks + nk].double().repeat_interleave(group, 1).transpose(0, 1)
+                  for t in (k, v))
+        mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+        out.append(F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask).transpose(0, 1))
+        qs, ks = qs + nq, ks + nk
+    return torch.cat(out)
+
+
+# head_dim 128 and 64: the AVX512-BF16 path where the CPU has it; 24: the plain loops.
+@pytest.mark.parametrize("heads,kv_heads,head_dim,lq,lk", [
+    (8, 2, 128, [272, 1, 40], [272, 1, 300]),  # whole prompts, one token, a chunk after 260
+    (4, 4, 64, [9, 100], [9, 180]),
+    (6, 2, 24, [5, 33], [12, 33]),
+])
+def test_causal_grouped_varlen_attention_matches_fp64(heads: int, kv_heads: int, head_dim: int,
+                                                      lq: list[int], lk: list[int]) -> None:
+    q = _bf16(sum(lq), heads, head_dim, seed=heads, scale=2.0)
+    kv = _bf16(sum(lk), 2, kv_heads, head_dim, seed=kv_heads + 1, scale=2.0)
+    k, v = kv.unbind(1)
+    out = torch.full_like(q, float("nan"))
+    cu_q = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()])
+    cu_k = torch.tensor([0, *torch.tensor(lk).cumsum(0).tolist()])
+    ops.varlen_attention(out, q, k, v, cu_q, cu_k, head_dim**-0.5, True)
+    ref = _causal_reference(q, k, v, lq, lk)
+    # bf16 SDPA with the same mask (as the decoder ran before) against the same reference
+    sdpa_err = torch.tensor(0.0, dtype=torch.float64)
+    group = heads // kv_heads
+    qs = ks = 0
+    for nq, nk in zip(lq, lk, strict=True):
+        mask = torch.ones(nq, nk, dtype=torch.bool).tril(nk - nq)
+        got = F.scaled_dot_product_attention(
+            q[qs:qs + nq].transpose(0, 1),
+            *(t[ks:ks + nk].repeat_interleave(group, 1).transpose(0, 1) for t in (k, v)),
+            attn_mask=mask).transpose(0, 1)
+        sdpa_err = torch.maximum(sdpa_err, (got.double() - ref[qs:qs + nq]).abs().max())
+        qs, ks = qs + nq, ks + nk
+    assert not out.isnan().any()
+    assert (out.double() - ref).abs().max() <= sdpa_err * 1.5 + 2e-3
+
+
+def test_causal_varlen_attention_is_the_same_in_chunks() -> None:
+    """A prompt's rows come out bit-equal whether it is run whole or as chunks after cached
+    keys (chunked prefill must not change greedy results)."""
+    q = _bf16(150, 8, 128, seed=3, scale=2.0)
+    k, v = _bf16(150, 2, 2, 128, seed=4, scale=2.0).unbind(1)
+    whole = torch.empty_like(q)
+    ops.varlen_attention(whole, q, k, v, torch.tensor([0, 150]), torch.tensor([0, 150]),
+                         0.088, True)
+    for start, end in [(0, 37), (37, 100), (100, 150)]:
+        part = torch.empty_like(q[start:end])
+        ops.varlen_attention(part, q[start:end], k[:end], v[:end], torch.tensor([0, end - start]),
+                             torch.tensor([0, end]), 0.088, True)
+        assert torch.equal(part, whole[start:end])
 
 
 def test_write_kv_matches_index_copy() -> None:

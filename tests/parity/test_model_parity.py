@@ -3,8 +3,8 @@
 Tolerances (logits, relative to the reference logits' max |value|):
 - float32: 1e-4 (observed ~3e-6).
 - bfloat16 against transformers with its eager expert loop: 1e-2 (observed bit-equal), with
-  the vision tower's attention on SDPA like the reference's. glmv's own bf16 kernel for that
-  attention (glmv/attention/segments.py) rounds differently, so it is held to accuracy instead:
+  the vision tower's and the prefill's attention on SDPA like the reference's. glmv's own bf16
+  kernel for those (`varlen_attention`) rounds differently, so it is held to accuracy instead:
   its logits are as close to the float32 reference as transformers' own bf16 logits are
   (both ~2-3% on these tiny random models, whose bf16 noise is large).
 - bfloat16 against transformers' default grouped-matmul experts (glm4v_moe): that kernel rounds
@@ -69,9 +69,11 @@ def test_greedy_tokens_equal_transformers(variant: str, cases: Any, ours: Any,
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_logits_bf16(variant: str, case: str, cases: Any, ours: Any, reference: Any,
                      monkeypatch: pytest.MonkeyPatch) -> None:
-    from glmv.attention import segments
+    from glmv.attention import segments, torch_sdpa
 
-    monkeypatch.setattr(segments, "cpu_ops", lambda x: None)  # SDPA, as in the reference
+    # SDPA in the vision tower and the decoder's prefill, as in the reference
+    monkeypatch.setattr(segments, "cpu_ops", lambda x: None)
+    monkeypatch.setattr(torch_sdpa, "cpu_ops", lambda x: None)
     processor, model = ours(variant, torch.bfloat16)
     ref = reference(variant)
     got = glmv_logits(model, glmv_prompt(processor, cases[case]))
@@ -88,9 +90,10 @@ def test_logits_bf16(variant: str, case: str, cases: Any, ours: Any, reference: 
 @pytest.mark.parametrize("variant", ["glm-4.1v-thinking", "glm-4.6v-flash"])
 def test_bf16_vision_kernel_is_as_accurate_as_the_reference(variant: str, case: str, cases: Any,
                                                             ours: Any, reference: Any) -> None:
-    """With the fused vision attention (the default on CPU), bf16 logits are as close to the
-    float32 reference as transformers' bf16 logits are. Dense variants: the MoE ones' bf16
-    noise is dominated by routing flips (~40% of the max logit either way)."""
+    """With the fused attention kernels (the default on CPU: vision segments, decoder prefill),
+    bf16 logits are as close to the float32 reference as transformers' bf16 logits are. Dense
+    variants: the MoE ones' bf16 noise is dominated by routing flips (~40% of the max logit
+    either way)."""
     from glmv import kernels
 
     if kernels.get_ops() is None:

@@ -585,25 +585,32 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 bool int8_vnni() { return kVnniKernel; }
 
 // ---------------------------------------------------------------------------------------------
-// Bidirectional attention within segments (the vision tower's images and video frames):
-//   out[t, h] = sum_s softmax_s(q[t, h] . k[s, h] * scale) v[s, h], s over t's segment.
-// q, k, v [tokens, heads, head_dim] with unit stride along head_dim (views of the fused qkv
-// output), out a contiguous [tokens, heads, head_dim], cu_seqlens int64 [segments + 1].
+// Attention within segments: the vision tower's images and video frames (bidirectional), and
+// the decoder's prefill chunks (causal, grouped-query):
+//   out[t, h] = sum_s softmax_s(q[t, h] . k[s, h / group] * scale) v[s, h / group]
+// with s over the keys of t's segment; causal: only the keys up to t's own position, the
+// segment's queries being its last keys (a chunk after cached ones: bottom-right aligned).
+// q [Tq, heads, head_dim], k, v [Tk, kv_heads, head_dim] with unit stride along head_dim
+// (views of the fused qkv output are fine), out a contiguous [Tq, heads, head_dim]; cu_q and
+// cu_k int64 [segments + 1] delimit each segment's queries and keys.
 // Scores and softmax in fp32; the probabilities are rounded to bf16 for the P.V product and
 // the result divided by their fp32 sum at the end, as ATen's CPU flash attention does for
 // bf16. With AVX512-BF16 both products run on vdpbf16ps (32 bf16 products per instruction)
-// over keys and values packed once per segment and head; otherwise in plain loops.
+// over keys and values packed once per segment and KV head; otherwise in plain loops.
+// A query row's result depends only on its own keys: the same whether its segment's other
+// queries come in the same call or not (chunked prefill gives the same bits).
 
 struct VarlenArgs {
   const uint16_t *q, *k, *v;
   uint16_t* out;
-  const int64_t* cu;
-  int64_t heads, d;
+  const int64_t *cu, *cuk;
+  int64_t heads, group, d;
   int64_t qts, qhs, kts, khs, vts, vhs;  // token and head strides
   float scale;
+  bool causal;
 };
 
-// Keys and values of one (segment, head), padded to `lp` rows with zeros:
+// Keys and values of one (segment, KV head), padded to `lp` rows with zeros:
 //   kp [lp/16][d/2][16][2]: kp[b][p][l][t] = k[16 b + l][2 p + t]  (16 keys per register)
 //   vp [d/16][lp/2][16][2]: vp[g][j][c][t] = v[2 j + t][16 g + c]  (key pairs per column)
 void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t lp,
@@ -709,12 +716,13 @@ inline __m512bh bcast_pair(const uint16_t* x) {
   return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
 }
 
-// scores s[i][n] = scale * q_i . k_n for 8 rows of qb (contiguous rows of d) and all lp keys
+// scores s[i][n] = scale * q_i . k_n for 8 rows of qb (contiguous rows of d) and the first
+// nkeys keys (a multiple of 32; row stride of s: lp)
 void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
-                 float scale) {
+                 int64_t nkeys, float scale) {
   const int64_t pairs = d / 2;
   const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t nb = 0; nb < lp / 16; nb += 2) {
+  for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
     __m512 acc[kAttnRows][2];
     for (auto& row : acc)
       for (auto& r : row) r = _mm512_setzero_ps();
@@ -1059,52 +1067,67 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
 
 
 void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
-                      const at::Tensor& v, const at::Tensor& cu_seqlens, double scale) {
+                      const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k,
+                      double scale, bool causal) {
   for (const at::Tensor* t : {&q, &k, &v}) {
     check_bf16(*t, "q, k and v");
-    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->sizes() == q.sizes(),
-                "q, k and v must be [tokens, heads, head_dim] alike, unit stride along head_dim");
+    TORCH_CHECK(t->dim() == 3 && t->stride(2) == 1 && t->size(2) == q.size(2),
+                "q, k and v must be [tokens, heads, head_dim], unit stride along head_dim");
   }
+  TORCH_CHECK(k.sizes() == v.sizes(), "k and v must have the same shape");
   check_bf16(out, "out");
   TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes(),
               "out must be a contiguous [tokens, heads, head_dim]");
-  TORCH_CHECK(cu_seqlens.scalar_type() == at::kLong && cu_seqlens.dim() == 1 &&
-                  cu_seqlens.is_contiguous() && cu_seqlens.numel() >= 1,
-              "cu_seqlens must be a contiguous int64 vector");
-  const int64_t tokens = q.size(0), heads = q.size(1), d = q.size(2);
-  const int64_t segments = cu_seqlens.numel() - 1;
-  const int64_t* cu = cu_seqlens.data_ptr<int64_t>();
-  TORCH_CHECK(cu[0] == 0 && cu[segments] == tokens, "cu_seqlens must run from 0 to tokens");
-  for (int64_t s = 0; s < segments; ++s)
-    TORCH_CHECK(cu[s + 1] > cu[s], "cu_seqlens must be increasing");
-  const VarlenArgs a{bits(q), bits(k), bits(v), mbits(out), cu, heads, d,
+  const int64_t heads = q.size(1), kv_heads = k.size(1), d = q.size(2);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "query heads must be a multiple of KV heads");
+  for (const at::Tensor* t : {&cu_q, &cu_k})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->dim() == 1 && t->is_contiguous() &&
+                    t->numel() == cu_q.numel() && t->numel() >= 1,
+                "cu_q and cu_k must be contiguous int64 vectors of the same length");
+  const int64_t segments = cu_q.numel() - 1;
+  const int64_t* cu = cu_q.data_ptr<int64_t>();
+  const int64_t* cuk = cu_k.data_ptr<int64_t>();
+  TORCH_CHECK(cu[0] == 0 && cu[segments] == q.size(0), "cu_q must run from 0 to q's tokens");
+  TORCH_CHECK(cuk[0] == 0 && cuk[segments] == k.size(0), "cu_k must run from 0 to k's tokens");
+  for (int64_t s = 0; s < segments; ++s) {
+    TORCH_CHECK(cu[s + 1] > cu[s] && cuk[s + 1] > cuk[s], "segments must not be empty");
+    TORCH_CHECK(!causal || cuk[s + 1] - cuk[s] >= cu[s + 1] - cu[s],
+                "causal: a segment needs at least as many keys as queries");
+  }
+  const VarlenArgs a{bits(q), bits(k), bits(v), mbits(out), cu, cuk, heads, heads / kv_heads, d,
                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
-                     v.stride(1), float(scale)};
+                     v.stride(1), float(scale), causal};
   // Query rows per task: as many as keep the task's scores within ~512 KiB (the L2).
   auto rows_for = [](int64_t lp) {
     return std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(1) << 17) / lp / 4 * 4));
   };
+  auto padded = [](int64_t len) { return (len + 63) / 64 * 64; };
   std::vector<int64_t> task_start{0};  // first task of each segment
   for (int64_t s = 0; s < segments; ++s) {
-    const int64_t len = cu[s + 1] - cu[s];
-    const int64_t lp = (len + 63) / 64 * 64;
-    task_start.push_back(task_start.back() + heads * ((len + rows_for(lp) - 1) / rows_for(lp)));
+    const int64_t lq = cu[s + 1] - cu[s], rows = rows_for(padded(cuk[s + 1] - cuk[s]));
+    task_start.push_back(task_start.back() + heads * ((lq + rows - 1) / rows));
   }
   const int64_t tasks = task_start.back();
   const int64_t ors = heads * d;
+  // The keys query row r (0-based in its segment) attends to: all, or causally its own
+  // position and those before it.
+  auto keys_of = [&a](int64_t s, int64_t r) {
+    const int64_t lk = a.cuk[s + 1] - a.cuk[s];
+    return a.causal ? lk - (a.cu[s + 1] - a.cu[s]) + r + 1 : lk;
+  };
 #if defined(__AVX512BF16__)
   if (d % 16 == 0) {
-    // Pack every (segment, head)'s keys and values once.
+    // Pack every (segment, KV head)'s keys and values once.
     std::vector<int64_t> pack_off{0};
     for (int64_t s = 0; s < segments; ++s)
-      pack_off.push_back(pack_off.back() + (cu[s + 1] - cu[s] + 63) / 64 * 64 * heads * d);
+      pack_off.push_back(pack_off.back() + padded(cuk[s + 1] - cuk[s]) * kv_heads * d);
     std::vector<uint16_t> kpack(pack_off.back()), vpack(pack_off.back());
-    at::parallel_for(0, segments * heads, 1, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, segments * kv_heads, 1, [&](int64_t b, int64_t e) {
       for (int64_t sh = b; sh < e; ++sh) {
-        const int64_t s = sh / heads, h = sh % heads;
-        const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
+        const int64_t s = sh / kv_heads, h = sh % kv_heads;
+        const int64_t lk = cuk[s + 1] - cuk[s], lp = padded(lk);
         const int64_t off = pack_off[s] + h * lp * d;
-        pack_kv(a, cu[s], len, h, lp, kpack.data() + off, vpack.data() + off);
+        pack_kv(a, cuk[s], lk, h, lp, kpack.data() + off, vpack.data() + off);
       }
     });
     at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
@@ -1114,12 +1137,12 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       for (int64_t task = b; task < e; ++task) {
         const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) -
                           task_start.begin() - 1;
-        const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
-        const int64_t rows = rows_for(lp), blocks = (len + rows - 1) / rows;
+        const int64_t lq = cu[s + 1] - cu[s], lk = cuk[s + 1] - cuk[s], lp = padded(lk);
+        const int64_t rows = rows_for(lp), blocks = (lq + rows - 1) / rows;
         const int64_t h = (task - task_start[s]) / blocks;
         const int64_t r0 = (task - task_start[s]) % blocks * rows;
-        const int64_t r1 = std::min(len, r0 + rows);
-        const int64_t off = pack_off[s] + h * lp * d;
+        const int64_t r1 = std::min(lq, r0 + rows);
+        const int64_t off = pack_off[s] + (h / a.group) * lp * d;
         sbuf.resize(kAttnRows * lp);
         pbuf.resize(kAttnRows * lp);
         qbuf.assign(kAttnRows * d, 0);
@@ -1128,14 +1151,22 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           for (int64_t i = 0; i < n; ++i)
             std::memcpy(qbuf.data() + i * d, a.q + (cu[s] + i0 + i) * a.qts + h * a.qhs,
                         d * sizeof(uint16_t));
-          attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp, a.scale);
-          softmax_rows512(sbuf.data(), pbuf.data(), inv, kAttnRows, len, lp);
+          const int64_t kmax = keys_of(s, i0 + n - 1);  // the block's widest row
+          attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp,
+                      std::min(lp, (kmax + 31) / 32 * 32), a.scale);
+          if (causal) {
+            for (int64_t i = 0; i < kAttnRows; ++i)
+              softmax_rows512(sbuf.data() + i * lp, pbuf.data() + i * lp, inv + i, 1,
+                              keys_of(s, std::min(i0 + i, i0 + n - 1)), lp);
+          } else {
+            softmax_rows512(sbuf.data(), pbuf.data(), inv, kAttnRows, lk, lp);
+          }
           uint16_t* orow = a.out + (cu[s] + i0) * ors + h * d;
           for (int64_t c0 = 0; c0 < d; c0 += 32) {
             if (d - c0 >= 32) {
-              attn_values<2>(pbuf.data(), vpack.data() + off, inv, n, d, lp, len, c0, orow, ors);
+              attn_values<2>(pbuf.data(), vpack.data() + off, inv, n, d, lp, kmax, c0, orow, ors);
             } else {
-              attn_values<1>(pbuf.data(), vpack.data() + off, inv, n, d, lp, len, c0, orow, ors);
+              attn_values<1>(pbuf.data(), vpack.data() + off, inv, n, d, lp, kmax, c0, orow, ors);
             }
           }
         }
@@ -1151,19 +1182,20 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     for (int64_t task = b; task < e; ++task) {
       const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) -
                         task_start.begin() - 1;
-      const int64_t len = cu[s + 1] - cu[s], lp = (len + 63) / 64 * 64;
-      const int64_t rows = rows_for(lp), blocks = (len + rows - 1) / rows;
-      const int64_t h = (task - task_start[s]) / blocks;
+      const int64_t lq = cu[s + 1] - cu[s], lp = padded(cuk[s + 1] - cuk[s]);
+      const int64_t rows = rows_for(lp), blocks = (lq + rows - 1) / rows;
+      const int64_t h = (task - task_start[s]) / blocks, kh = h / a.group;
       const int64_t r0 = (task - task_start[s]) % blocks * rows;
-      const int64_t r1 = std::min(len, r0 + rows);
+      const int64_t r1 = std::min(lq, r0 + rows);
       srow.resize(lp);
       prow.resize(lp);
       qf.resize(d);
       for (int64_t r = r0; r < r1; ++r) {
+        const int64_t len = keys_of(s, r);
         const uint16_t* qr = a.q + (cu[s] + r) * a.qts + h * a.qhs;
         for (int64_t c = 0; c < d; ++c) qf[c] = bf2f(qr[c]);
         for (int64_t n = 0; n < len; ++n) {
-          const uint16_t* kr = a.k + (cu[s] + n) * a.kts + h * a.khs;
+          const uint16_t* kr = a.k + (cuk[s] + n) * a.kts + kh * a.khs;
           float dot = 0.0f;
           for (int64_t c = 0; c < d; ++c) dot += qf[c] * bf2f(kr[c]);
           srow[n] = dot * a.scale;
@@ -1172,7 +1204,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
         softmax_rows(srow.data(), prow.data(), &inv, 1, len, lp);
         acc.assign(d, 0.0f);
         for (int64_t n = 0; n < len; ++n) {
-          const uint16_t* vr = a.v + (cu[s] + n) * a.vts + h * a.vhs;
+          const uint16_t* vr = a.v + (cuk[s] + n) * a.vts + kh * a.vhs;
           const float pn = bf2f(prow[n]);
           for (int64_t c = 0; c < d; ++c) acc[c] += pn * bf2f(vr[c]);
         }
@@ -1266,8 +1298,8 @@ TORCH_LIBRARY(glmv, m) {
   m.def("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor w_sum, Tensor? bias,"
         " int out_features) -> Tensor");
   m.def("int8_vnni() -> bool", &int8_vnni);  // whether int8_linear has its VNNI kernel
-  m.def("varlen_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_seqlens,"
-        " float scale) -> ()");
+  m.def("varlen_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_q,"
+        " Tensor cu_k, float scale, bool causal) -> ()");
   m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on vdpbf16ps
   m.def("argmax_rows(Tensor x) -> Tensor");
 }
