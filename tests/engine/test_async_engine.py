@@ -5,9 +5,13 @@ fails its requests without stopping the engine."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -321,3 +325,39 @@ def test_run_without_host_is_refused(loaded: Any) -> None:
     eng = _async(loaded)
     with pytest.raises(EngineError, match="host"):
         eng.run()
+
+
+
+def test_media_threads_run_torch_on_one_thread(engine: AsyncEngine) -> None:
+    """Media work keeps to its own thread: no OpenMP team of its own to spin for the
+    engine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    widths = {engine._media_pool.submit(torch.get_num_threads).result(10) for _ in range(4)}
+    assert widths == {1}
+    assert torch.get_num_threads() == before
+
+
+_WIDTHS = """
+import concurrent.futures, threading, torch
+from glmv.engine.async_engine import single_threaded_torch
+main = torch.get_num_threads()
+with concurrent.futures.ThreadPoolExecutor(2, initializer=single_threaded_torch) as pool:
+    media = pool.submit(torch.get_num_threads).result()
+other = []
+thread = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+thread.start(); thread.join()
+print(main, media, other[0], torch.get_num_threads())
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: every width is 1 anyway")
+def test_one_thread_for_media_leaves_every_other_thread_alone() -> None:
+    """In a fresh process (other tests change torch's global width): the main thread and a
+    plain new thread keep the default width, a media thread gets 1."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run([sys.executable, "-c", _WIDTHS], capture_output=True, text=True,
+                          env=env, timeout=120, check=True, cwd=Path(__file__).parents[2])
+    main, media, other, after = map(int, proc.stdout.split())
+    assert main > 1 and media == 1 and other == main and after == main
