@@ -140,6 +140,7 @@ class WorkerGroup:
         self._closing = threading.Event()
         self._on_death: list[Callable[[str], None]] = []
         self.death: str | None = None  # why the group broke, once it has
+        self.threads_before: int | None = None  # rank 0's torch width before the ranks shared
         self._watcher = threading.Thread(target=self._watch, name="glmv-worker-watch",
                                          daemon=True)
         self._watcher.start()
@@ -155,13 +156,16 @@ class WorkerGroup:
             raise ConfigError(f"this process is rank {place.rank} of {place.world_size}: only "
                               "rank 0 runs the engine; start the others with `glmv serve` or "
                               "`glmv generate` under the same launcher")
+        threads_before = torch.get_num_threads()
         processes = spawn_workers(args, place)
         try:
             _join(args, place)
             group = cls(place, processes)
+            group.threads_before = threads_before
             group.channel.send("model", str(model_path))
         except BaseException:
             _terminate(processes)
+            torch.set_num_threads(threads_before)
             raise
         return group
 
@@ -206,6 +210,8 @@ class WorkerGroup:
         for proc in self.processes:
             proc.join(_JOIN_TIMEOUT_S if healthy else 1.0)
         _terminate(self.processes)
+        if self.threads_before is not None:  # the cores are this process's alone again
+            torch.set_num_threads(self.threads_before)
 
 
 def spawn_workers(args: EngineArgs, place: Placement

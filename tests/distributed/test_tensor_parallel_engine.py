@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from glmv import LLM, SamplingParams
 from glmv.engine.outputs import RequestOutput
@@ -61,6 +62,7 @@ def test_two_ranks_generate_what_one_does(variant: str, flags: dict[str, Any],
     with LLM(checkpoint, **SMALL) as one:  # type: ignore[arg-type]
         want = _run(one, conversations)
         blocks_one = one.llm_engine.runner.cache_spec.num_blocks
+    threads = torch.get_num_threads()
     with LLM(checkpoint, tensor_parallel_size=2, **flags, **SMALL) as two:  # type: ignore[arg-type]
         got = _run(two, conversations)
         engine = two.llm_engine
@@ -69,6 +71,7 @@ def test_two_ranks_generate_what_one_does(variant: str, flags: dict[str, Any],
         spec = engine.runner.cache_spec
         assert spec.num_kv_heads == engine.config.text.num_key_value_heads // 2
         assert spec.num_blocks // 2 == blocks_one  # (floor division of the same budget)
+    assert torch.get_num_threads() == threads  # rank 0 shared the cores only while it ran
     for g, w in zip(got, want, strict=True):
         assert g.prompt_token_ids == w.prompt_token_ids
         assert g.outputs[0].token_ids == w.outputs[0].token_ids
