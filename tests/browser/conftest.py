@@ -100,6 +100,9 @@ def new_page(browser: Any) -> Iterator[Callable[[Server], Any]]:
         context.on("page", lambda p: p.on("pageerror", lambda exc: errors.append(str(exc))))
         page = context.new_page()
         page.set_default_timeout(20000)
+        # expect()'s own wait (5 s by default) too: the suite shares two cores with servers
+        from playwright.sync_api import expect
+        expect.set_options(timeout=20000)
         page.goto(srv.url + "/")
         return page
 
