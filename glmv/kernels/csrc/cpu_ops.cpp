@@ -634,29 +634,36 @@ void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t
   }
 }
 
+// s[0, len) <- exp(s - max(s)) in place; returns their sum. Max and sum lane by lane so that
+// the loops vectorise (fp32 sums are not reassociated).
+float exp_shifted(float* s, int64_t len) {
+  float lanes[kLanes];
+  std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
+  int64_t n = 0;
+  for (; n + kLanes <= len; n += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], s[n + l]);
+  float m = -std::numeric_limits<float>::infinity();
+  for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
+  for (; n < len; ++n) m = std::max(m, s[n]);
+  for (n = 0; n < len; ++n) s[n] = exp_approx(s[n] - m);
+  std::fill_n(lanes, kLanes, 0.0f);
+  for (n = 0; n + kLanes <= len; n += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += s[n + l];
+  float total = 0.0f;
+  for (int l = 0; l < kLanes; ++l) total += lanes[l];
+  for (; n < len; ++n) total += s[n];
+  return total;
+}
+
 // softmax numerators of rows [0, rows) of s (row stride lp, `len` valid columns) as bf16 in
 // p (zeros past len); returns 1 / sum per row in inv.
 void softmax_rows(float* s, uint16_t* p, float* inv, int64_t rows, int64_t len, int64_t lp) {
   for (int64_t i = 0; i < rows; ++i) {
     float* sr = s + i * lp;
     uint16_t* pr = p + i * lp;
-    float lanes[kLanes];
-    std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
+    inv[i] = 1.0f / exp_shifted(sr, len);
     int64_t n = 0;
-    for (; n + kLanes <= len; n += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sr[n + l]);
-    float m = -std::numeric_limits<float>::infinity();
-    for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
-    for (; n < len; ++n) m = std::max(m, sr[n]);
-    for (n = 0; n < len; ++n) sr[n] = exp_approx(sr[n] - m);
-    std::fill_n(lanes, kLanes, 0.0f);
-    for (n = 0; n + kLanes <= len; n += kLanes)
-      for (int l = 0; l < kLanes; ++l) lanes[l] += sr[n + l];
-    float total = 0.0f;
-    for (int l = 0; l < kLanes; ++l) total += lanes[l];
-    for (; n < len; ++n) total += sr[n];
-    inv[i] = 1.0f / total;
-    for (n = 0; n < len; ++n) pr[n] = f2bf(sr[n]);
+    for (; n < len; ++n) pr[n] = f2bf(sr[n]);
     for (; n < lp; ++n) pr[n] = 0;
   }
 }
@@ -1028,23 +1035,7 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
       }
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * len;
-        // lane-wise max and sum so that the loops vectorise (fp32 sums are not reassociated)
-        float lanes[kLanes];
-        std::fill_n(lanes, kLanes, -std::numeric_limits<float>::infinity());
-        int64_t t = 0;
-        for (; t + kLanes <= len; t += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] = std::max(lanes[l], sg[t + l]);
-        float m = -std::numeric_limits<float>::infinity();
-        for (int l = 0; l < kLanes; ++l) m = std::max(m, lanes[l]);
-        for (; t < len; ++t) m = std::max(m, sg[t]);
-        for (t = 0; t < len; ++t) sg[t] = exp_approx(sg[t] - m);
-        std::fill_n(lanes, kLanes, 0.0f);
-        for (t = 0; t + kLanes <= len; t += kLanes)
-          for (int l = 0; l < kLanes; ++l) lanes[l] += sg[t + l];
-        float total = 0.0f;
-        for (int l = 0; l < kLanes; ++l) total += lanes[l];
-        for (; t < len; ++t) total += sg[t];
-        float inv = 1.0f / total;
+        const float inv = 1.0f / exp_shifted(sg, len);
         for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
       }
       for (int64_t t = 0; t < len; ++t) {
