@@ -688,28 +688,36 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// exp(s[n] - max) of one row on 16 lanes, handed to store(n, e) for n in [0, lp) in steps of
+// 16 (zeros past len); returns the sum over [0, len). lp a multiple of 16.
+template <typename Store>
+float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
+  __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t n = 0;
+  for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
+  const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
+  if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
+  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  __m512 sum = _mm512_setzero_ps();
+  for (n = 0; n < lp; n += 16) {
+    const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
+                           : n < len    ? __mmask16((1u << (len - n)) - 1)
+                                        : __mmask16(0);
+    const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
+    sum = _mm512_add_ps(sum, e);
+    store(n, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
 // softmax_rows on 16 lanes; lp a multiple of 16
 void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
                      int64_t lp) {
   for (int64_t i = 0; i < rows; ++i) {
-    const float* sr = s + i * lp;
     uint16_t* pr = p + i * lp;
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t n = 0;
-    for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
-    const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
-    if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 sum = _mm512_setzero_ps();
-    for (n = 0; n < lp; n += 16) {
-      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
-                             : n < len    ? __mmask16((1u << (len - n)) - 1)
-                                          : __mmask16(0);
-      const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
-      sum = _mm512_add_ps(sum, e);
+    inv[i] = 1.0f / exp_row512(s + i * lp, len, lp, [pr](int64_t n, __m512 e) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
-    }
-    inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
+    });
   }
 }
 
@@ -828,23 +836,12 @@ void decode_values(const float* p, int64_t lp, const uint16_t* const* vrows, int
 void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
   for (int64_t i = 0; i < rows; ++i) {
     float* sr = s + i * lp;
-    __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    int64_t n = 0;
-    for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
-    const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
-    if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
-    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
-    __m512 sum = _mm512_setzero_ps();
-    for (n = 0; n < lp; n += 16) {
-      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
-                             : n < len    ? __mmask16((1u << (len - n)) - 1)
-                                          : __mmask16(0);
-      const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
-      sum = _mm512_add_ps(sum, e);
+    const float total = exp_row512(sr, len, lp, [sr](int64_t n, __m512 e) {
       _mm512_storeu_ps(sr + n, e);
-    }
-    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (n = 0; n < lp; n += 16) _mm512_storeu_ps(sr + n, _mm512_mul_ps(_mm512_loadu_ps(sr + n), inv));
+    });
+    const __m512 inv = _mm512_set1_ps(1.0f / total);
+    for (int64_t n = 0; n < lp; n += 16)
+      _mm512_storeu_ps(sr + n, _mm512_mul_ps(_mm512_loadu_ps(sr + n), inv));
   }
 }
 
