@@ -169,9 +169,7 @@ class AsyncEngine:
         """Declare that `run()` will step the engine on a thread the caller owns; `start()`
         then starts nothing, and requests added before `run()` begins wait for it."""
         self._hosted = True
-        self._stopping.clear()
-        self._refusal = None
-        self._loop_done.clear()
+        self._arm()
 
     def run(self) -> None:
         """Step the engine on the calling thread until `shutdown()` or `stop()` (after
@@ -184,11 +182,15 @@ class AsyncEngine:
         """Step the engine on a background thread of its own (nothing when hosted)."""
         if self._hosted or self._thread is not None:
             return
+        self._arm()
+        self._thread = threading.Thread(target=self._run_loop, name="glmv-engine", daemon=True)
+        self._thread.start()
+
+    def _arm(self) -> None:
+        """A step loop is about to run: accept requests again."""
         self._stopping.clear()
         self._refusal = None
         self._loop_done.clear()
-        self._thread = threading.Thread(target=self._run_loop, name="glmv-engine", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
         """Ask the step loop to end (requests still running end with a ShuttingDownError)."""
@@ -459,7 +461,6 @@ class RequestStream:
         if not self._closed:
             self._closed = True
             self._engine._release(self.request_id, aborted=not self._finished)
-
 
 
 def single_threaded_torch() -> None:
