@@ -15,8 +15,8 @@ prompts, greedy, every request producing exactly --output-len tokens (EOS ignore
   (TPOT, median interval), decode tokens/s, and the weight bandwidth decode achieves
   (decoder + LM head bytes read per token / TPOT) against this machine's read bandwidth
   (the best of: `torch.sum` over 1 GiB in bf16 and fp32, a batch-1 bf16 GEMV over a 1 GiB
-  weight plain and oneDNN-packed; best of 5 each) as `fraction_of_floor` (1.0 = at the
-  memory floor); plus the TTFT of one single-image chat.
+  weight plain, oneDNN-packed and in glmv's bf16 blocks; best of 5 each) as
+  `fraction_of_floor` (1.0 = at the memory floor); plus the TTFT of one single-image chat.
 - --profile: cProfile and torch.profiler over 5 glmv decode steps at batch --num-requests.
 
 Every timed run uses prompts and media no earlier run has seen, so glmv's prefix and encoder
@@ -54,7 +54,7 @@ from workloads import (
     CpuWatch,
     Workload,
     bench_checkpoint,
-    gemv_bandwidth_gbps,
+    gemv_bandwidths,
     image_chats,
     machine,
     machine_gbps,
@@ -231,8 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     per_token["glmv"] = bytes_read_per_token(config, quantization=args.quantization)
     bandwidth = {f"sum_{str(d).removeprefix('torch.')}": round(read_bandwidth_gbps(d), 1)
                  for d in (torch.bfloat16, torch.float32)}
-    bandwidth["gemv_bfloat16"] = round(gemv_bandwidth_gbps(packed=False), 1)
-    bandwidth["gemv_packed_bfloat16"] = round(gemv_bandwidth_gbps(packed=True), 1)
+    bandwidth |= gemv_bandwidths()
     with tempfile.TemporaryDirectory(prefix="glmv-bench-") as tmp:
         bench = Bench(args, sides, Path(tmp))
         for kind in args.scenarios:

@@ -83,7 +83,7 @@ from workloads import (
     Conversation,
     CpuWatch,
     bench_checkpoint,
-    gemv_bandwidth_gbps,
+    gemv_bandwidths,
     machine,
     machine_gbps,
     make_image,
@@ -478,8 +478,7 @@ def measure_machine() -> dict[str, float]:
     """Read bandwidth as engine_bench measures it, before any server holds memory or cores."""
     bandwidth = {f"sum_{str(d).removeprefix('torch.')}": round(read_bandwidth_gbps(d), 1)
                  for d in (torch.bfloat16, torch.float32)}
-    bandwidth["gemv_bfloat16"] = round(gemv_bandwidth_gbps(packed=False), 1)
-    bandwidth["gemv_packed_bfloat16"] = round(gemv_bandwidth_gbps(packed=True), 1)
+    bandwidth |= gemv_bandwidths()
     gc.collect()
     return bandwidth
 

@@ -8,6 +8,7 @@ batch-1 GEMVs), its description, and `CpuWatch` (CPU time other processes take m
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import random
@@ -182,27 +183,37 @@ def _own_cpu_s() -> float:
     return times.user + times.system
 
 
-def gemv_bandwidth_gbps(packed: bool, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
+def gemv_bandwidth_gbps(layout: str, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """GB/s of one bf16 vector times a 1 GiB bf16 weight, as a batch-1 decode step does it:
-    torch's `F.linear` on the plain weight, or oneDNN's packed linear (what glmv runs)."""
+    layout "plain" (torch's `F.linear`), "onednn" (oneDNN's packed linear) or "glmv" (glmv's
+    bf16 blocks, what it runs on AVX512-BF16 CPUs)."""
+    from glmv.layers.linear import Bf16Blocks, OneDnnWeight
+
     in_features = 8192
     weight = torch.ones(num_bytes // 2 // in_features, in_features, dtype=torch.bfloat16)
     x = torch.ones(1, in_features, dtype=torch.bfloat16)
-    if packed:
-        packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 64)
-        del weight
-
-        def fn() -> torch.Tensor:
-            return torch.ops.mkldnn._linear_pointwise(x, packed_weight, None, "none", [], "")
-    else:
+    if layout == "plain":
         def fn() -> torch.Tensor:
             return torch.nn.functional.linear(x, weight)
+    else:
+        packed = (Bf16Blocks if layout == "glmv" else OneDnnWeight).pack(weight, None)
+        del weight
+        fn = functools.partial(packed.apply, x)
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - start)
     return num_bytes / best / 1e9
+
+
+def gemv_bandwidths() -> dict[str, float]:
+    """`gemv_bandwidth_gbps` of every layout this machine runs, rounded, by name."""
+    from glmv.layers.linear import _onednn_packing, bf16_blocks_native
+
+    layouts = ["plain"] + ["onednn"] * _onednn_packing() + ["glmv"] * bf16_blocks_native()
+    return {f"gemv_{layout}_bfloat16": round(gemv_bandwidth_gbps(layout), 1)
+            for layout in layouts}
 
 
 def scenario_list(parser: argparse.ArgumentParser, text: str,

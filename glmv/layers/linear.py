@@ -8,7 +8,8 @@ parallelism will shard these same classes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +18,7 @@ from torch import nn
 from glmv.checkpoint import LazyTensor, LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.errors import ConfigError
-
-if TYPE_CHECKING:
-    from glmv.layers.quantization import Int8Weight
+from glmv.kernels import get_ops
 
 
 class ShapeMismatch(ValueError):
@@ -49,21 +48,16 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
 
-        # oneDNN's blocked copy of the weight (see pack_linear_weights); None = plain F.linear.
-        self.packed_weight: torch.Tensor | None = None
-        # int8 rows and scales replacing the weight (--quantization int8; layers/quantization).
-        self.int8: Int8Weight | None = None
+        # The weight in a kernel's layout, replacing the plain one (pack_linear_weights, or
+        # int8 rows and scales for --quantization int8); None = plain F.linear.
+        self.packed: PackedWeight | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x, self.bias)
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.int8 is not None:  # it keeps a float32 copy of the bias for the kernel
-            return self.int8.apply(x, with_bias=bias is not None)
-        if self.packed_weight is not None:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features),
-                                                   self.packed_weight, bias, "none", [], "")
-            return y.view(*x.shape[:-1], self.out_features)
+        if self.packed is not None:  # it keeps its own copy of the bias
+            return self.packed.apply(x, with_bias=bias is not None)
         return F.linear(x, self.weight, bias)
 
 
@@ -112,23 +106,123 @@ class MergedLinear(Linear):
         return list(y.split([size for _, size in self.shard_offsets.values()], dim=-1))
 
 
+class PackedWeight(Protocol):
+    """A linear layer's weight (and bias) in the layout of the kernel that multiplies it."""
+
+    def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        """x [..., K] -> [..., N], plus the bias unless `with_bias` is False (a row-parallel
+        layer adds it once, after its all-reduce)."""
+        ...
+
+
+#: Output channels and inputs per line of glmv's bf16 blocks (one 64-byte line each).
+BF16_LANES, BF16_PAIR = 16, 2
+
+
+@dataclass(frozen=True)
+class Bf16Blocks:
+    """A bf16 weight in glmv's blocks for `torch.ops.glmv.bf16_linear` (AVX512-BF16).
+
+    For every 16 output channels the weight runs along the inputs a pair at a time, so a
+    thread's share of the channels is one sequential stream: at decode sizes (one to a few
+    rows) it reads the weights at the speed of a plain sum, faster than oneDNN's packed layout
+    (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's.
+    """
+
+    blocks: torch.Tensor  # bf16 [Np / 16, Kp / 2, 16, 2]: w[16 b + l, 2 p + t] at [b, p, l, t]
+    bias: torch.Tensor | None  # float32 [Np]
+    in_features: int  # K
+    out_features: int  # N
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Blocks:
+        n, k = weight.shape
+        np_, kp = -(-n // BF16_LANES) * BF16_LANES, -(-k // BF16_PAIR) * BF16_PAIR
+        padded = weight.detach().new_zeros(np_, kp)
+        padded[:n, :k] = weight.detach()
+        blocks = padded.view(np_ // BF16_LANES, BF16_LANES, kp // BF16_PAIR,
+                             BF16_PAIR).transpose(1, 2).contiguous()
+        fbias = None
+        if bias is not None:
+            fbias = bias.detach().float().new_zeros(np_)
+            fbias[:n] = bias.detach().float()
+        return cls(blocks, fbias, k, n)
+
+    def rows(self) -> torch.Tensor:
+        """The weight as rows again, [N, K]."""
+        rows = self.blocks.transpose(1, 2).reshape(self.blocks.shape[0] * BF16_LANES, -1)
+        return rows[:self.out_features, :self.in_features]
+
+    def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        bias = self.bias if with_bias else None
+        ops = get_ops()
+        if ops is not None:
+            y = ops.bf16_linear(rows, self.blocks, bias, self.out_features)
+        else:  # the kernels were switched off after packing: the same product in PyTorch
+            y = F.linear(rows, self.rows(), None if bias is None
+                         else bias[:self.out_features].to(rows.dtype))
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 #: Batch size oneDNN tunes the packed layout for (decode batches; prefill is compute-bound).
 PACKING_BATCH_HINT = 64
 
 
+@dataclass(frozen=True)
+class OneDnnWeight:
+    """A bf16 weight in oneDNN's packed layout (CPUs without AVX512-BF16)."""
+
+    packed: torch.Tensor  # opaque oneDNN tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+
+    @classmethod
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> OneDnnWeight:
+        out_features, in_features = weight.shape
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_BATCH_HINT)
+        return cls(packed, None if bias is None else bias.detach(), in_features, out_features)
+
+    def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed,
+                                               self.bias if with_bias else None, "none", [],
+                                               "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+
 def can_pack(weight: torch.Tensor) -> bool:
-    """bf16 weights on a CPU whose torch build has oneDNN's packed linear kernels."""
+    """bf16 weights on a CPU with glmv's AVX512-BF16 product, or a torch build with oneDNN's
+    packed linear kernels."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available()
+            and (bf16_blocks_native() or _onednn_packing()))
+
+
+def bf16_blocks_native() -> bool:
+    """Whether glmv's kernels are built and multiply bf16 blocks on vdpbf16ps."""
+    ops = get_ops()
+    return ops is not None and bool(ops.bf16_linear_native())
+
+
+def _onednn_packing() -> bool:
+    return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_linear_weights(model: nn.Module) -> int:
-    """Give every bf16 `Linear` on CPU a oneDNN-packed copy of its weight and use it from now
-    on; the plain weight is then released unless another module shares it (tied embeddings).
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight:
+    """`weight` (bf16 on CPU, `can_pack`) in the layout of the best product this machine has."""
+    if bf16_blocks_native():
+        return Bf16Blocks.pack(weight, bias)
+    return OneDnnWeight.pack(weight, bias)
 
-    Why: oneDNN re-lays the plain [out, in] weight out on every call; the packed layout streams
-    it once, which on AVX-512 machines makes decode-sized products (a few rows) 1.5-2x faster.
+
+def pack_linear_weights(model: nn.Module) -> int:
+    """Give every bf16 `Linear` on CPU a packed copy of its weight (glmv's bf16 blocks, or
+    oneDNN's layout on CPUs without AVX512-BF16) and use it from now on; the plain weight is
+    then released unless another module shares it (tied embeddings).
+
+    Why: the plain [out, in] weight is re-laid out by oneDNN on every call; a packed layout
+    streams once, which makes decode-sized products (a few rows) 1.5-2x faster.
     Returns the number of layers packed. Loading weights must happen before this.
     """
     uses: dict[int, int] = {}
@@ -136,14 +230,12 @@ def pack_linear_weights(model: nn.Module) -> int:
         uses[id(param)] = uses.get(id(param), 0) + 1
     count = 0
     for module in model.modules():
-        if (not isinstance(module, Linear) or module.packed_weight is not None
-                or module.int8 is not None):
+        if not isinstance(module, Linear) or module.packed is not None:
             continue
         weight = module.weight
         if not can_pack(weight):
             continue
-        module.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(),
-                                                                     PACKING_BATCH_HINT)
+        module.packed = pack_weight(weight, module.bias)
         if uses[id(weight)] == 1:
             weight.data = torch.empty(0, dtype=weight.dtype)
         count += 1

@@ -117,8 +117,8 @@ def quantize_linear_layers(module: nn.Module) -> int:
 
     count = 0
     for layer in module.modules():
-        if isinstance(layer, Linear) and layer.int8 is None:
-            layer.int8 = Int8Weight.quantize(layer.weight, layer.bias)
+        if isinstance(layer, Linear) and layer.packed is None:
+            layer.packed = Int8Weight.quantize(layer.weight, layer.bias)
             layer.weight.data = torch.empty(0, dtype=layer.weight.dtype)
             count += 1
     return count

@@ -38,10 +38,10 @@ class ModelExecutor:
     def __init__(self, model: Glm4vForConditionalGeneration, cache: KVCacheSpec,
                  device: torch.device | str = "cpu") -> None:
         self.model = model
-        # CPU bf16: oneDNN-packed weights (much faster decode-sized products).
-        self.num_packed_layers = pack_linear_weights(model)
         if torch.device(device).type == "cpu" and _dtype(model) is torch.bfloat16:
             get_ops()  # compile the fused kernels now (once per machine), not in a request
+        # CPU bf16: packed weights (much faster decode-sized products).
+        self.num_packed_layers = pack_linear_weights(model)
         self.cache_spec = cache
         self.device = torch.device(device)
         self.kv_caches = allocate_kv_cache(cache, self.device)

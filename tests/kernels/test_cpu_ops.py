@@ -369,3 +369,52 @@ def test_argmax_rows_ties_in_different_lanes() -> None:
     x[1, 17], x[1, 33] = 5.0, 5.0  # the same lane, later block: index 17
     x[2, 63], x[2, 31] = 2.0, 2.0
     assert ops.argmax_rows(x).tolist() == [3, 17, 31]
+
+
+def _bf16_blocks(w: torch.Tensor) -> torch.Tensor:
+    from glmv.layers.linear import Bf16Blocks
+
+    return Bf16Blocks.pack(w, None).blocks
+
+
+def _within_bf16_rounding(y: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor) -> None:
+    """y (bf16) is `ref` (float64) rounded once to bf16, up to fp32 summation error."""
+    _, exponent = torch.frexp(ref.float())
+    half_ulp = torch.ldexp(torch.ones_like(ref), exponent.double() - 9)  # 8 significant bits
+    err = (y.double() - ref).abs()
+    bound = half_ulp + 1e-6 * magnitude
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("n,k", [(16, 2), (37, 19), (48, 64), (100, 1024)])
+def test_bf16_linear_matches_fp64(m: int, n: int, k: int) -> None:
+    x, w = _bf16(m, k, seed=m), _bf16(n, k, seed=n + k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
+    padded = torch.zeros(-(-n // 16) * 16)
+    padded[:n] = bias
+    ref = x.double() @ w.double().t()
+    magnitude = x.double().abs() @ w.double().abs().t()
+    y = ops.bf16_linear(x, _bf16_blocks(w), None, n)
+    assert y.dtype == BF16 and y.shape == (m, n)
+    _within_bf16_rounding(y, ref, magnitude)
+    _within_bf16_rounding(ops.bf16_linear(x, _bf16_blocks(w), padded, n), ref + bias.double(),
+                          magnitude + bias.double().abs())
+
+
+def test_bf16_linear_takes_strided_rows_and_no_rows() -> None:
+    big, w = _bf16(6, 80, seed=1), _bf16(33, 64, seed=2)
+    x = big[:, 8:72]  # rows 80 apart
+    y = ops.bf16_linear(x, _bf16_blocks(w), None, 33)
+    _within_bf16_rounding(y, x.double() @ w.double().t(), x.double().abs() @ w.double().abs().t())
+    assert ops.bf16_linear(x[:0], _bf16_blocks(w), None, 33).shape == (0, 33)
+
+
+def test_bf16_linear_rejects_blocks_of_another_shape() -> None:
+    w = _bf16(32, 64)
+    with pytest.raises(RuntimeError, match="must cover K"):
+        ops.bf16_linear(_bf16(2, 66), _bf16_blocks(w), None, 32)
+    with pytest.raises(RuntimeError, match="must cover N"):
+        ops.bf16_linear(_bf16(2, 64), _bf16_blocks(w), None, 48)
+    with pytest.raises(RuntimeError, match="blocks"):
+        ops.bf16_linear(_bf16(2, 64), w, None, 32)

@@ -1,5 +1,5 @@
-"""oneDNN-packed bf16 Linear weights compute what F.linear computes, free the plain weight,
-and leave shared (tied) weights in place."""
+"""Packed bf16 Linear weights (glmv's bf16 blocks, or oneDNN's layout) compute what F.linear
+computes, free the plain weight, and leave shared (tied) weights in place."""
 
 from __future__ import annotations
 
@@ -8,23 +8,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from glmv.layers.linear import Linear, MergedLinear, can_pack, pack_linear_weights
+from glmv.layers import linear
+from glmv.layers.linear import (
+    Bf16Blocks,
+    Linear,
+    MergedLinear,
+    OneDnnWeight,
+    can_pack,
+    pack_linear_weights,
+)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
-                                reason="this torch build has no oneDNN packed linear kernels")
+                                reason="neither glmv's bf16 kernel nor oneDNN's packed linear "
+                                       "kernels run on this machine")
 
 
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.qkv = MergedLinear(64, [("q", 32), ("k", 16), ("v", 16)], bias=True)
-        self.out = Linear(64, 48)
-        self.embed = nn.Embedding(48, 64)
-        self.head = Linear(64, 48)
+        self.out = Linear(64, 47)
+        self.embed = nn.Embedding(47, 64)
+        self.head = Linear(64, 47)
         self.head.weight = self.embed.weight  # tied, as tie_word_embeddings does
 
 
-def test_packed_layers_match_f_linear_and_release_weights() -> None:
+@pytest.mark.parametrize("layout", ["best", "onednn"])
+def test_packed_layers_match_f_linear_and_release_weights(layout: str,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    if layout == "onednn":
+        if not linear._onednn_packing():
+            pytest.skip("this torch build has no oneDNN packed linear kernels")
+        monkeypatch.setattr(linear, "bf16_blocks_native", lambda: False)
     torch.manual_seed(0)
     model = Tiny().to(torch.bfloat16)
     for p in model.parameters():
@@ -32,18 +48,39 @@ def test_packed_layers_match_f_linear_and_release_weights() -> None:
     x = torch.randn(5, 3, 64, dtype=torch.bfloat16)  # any leading shape
     want = {name: F.linear(x, m.weight, m.bias) for name, m in
             (("qkv", model.qkv), ("out", model.out), ("head", model.head))}
+    want_no_bias = F.linear(x, model.qkv.weight)
     assert pack_linear_weights(model) == 3
     assert pack_linear_weights(model) == 0  # idempotent
+    expected = OneDnnWeight if layout == "onednn" or not linear.bf16_blocks_native() \
+        else Bf16Blocks
     for name, module in (("qkv", model.qkv), ("out", model.out), ("head", model.head)):
+        assert isinstance(module.packed, expected)
         got = module(x)
         assert got.shape == want[name].shape
         torch.testing.assert_close(got.float(), want[name].float(), rtol=1e-2, atol=5e-2)
     assert model.qkv.weight.numel() == 0 and model.out.weight.numel() == 0
-    assert model.embed.weight.numel() == 48 * 64  # shared with the head: kept
+    assert model.embed.weight.numel() == 47 * 64  # shared with the head: kept
     assert model.qkv.split(model.qkv(x))[1].shape == (5, 3, 16)
+    # a row-parallel layer leaves the bias out of the product and adds it after its reduce
+    assert model.qkv.packed is not None
+    torch.testing.assert_close(model.qkv.packed.apply(x, with_bias=False).float(),
+                               want_no_bias.float(), rtol=1e-2, atol=5e-2)
+
+
+def test_bf16_blocks_keep_the_weight_and_pad_to_whole_blocks() -> None:
+    w = torch.randn(37, 19).bfloat16()
+    b = torch.randn(37).bfloat16()
+    packed = Bf16Blocks.pack(w, b)
+    assert packed.blocks.shape == (3, 10, 16, 2)
+    assert torch.equal(packed.rows(), w)
+    assert packed.bias is not None and packed.bias.dtype == torch.float32
+    assert packed.bias.shape == (48,) and torch.equal(packed.bias[:37], b.float())
+    x = torch.randn(4, 19).bfloat16()
+    torch.testing.assert_close(packed.apply(x).float(), F.linear(x, w, b).float(), rtol=1e-2,
+                               atol=5e-2)
 
 
 def test_float32_weights_are_not_packed() -> None:
     model = Tiny()
     assert pack_linear_weights(model) == 0
-    assert model.out.packed_weight is None and model.out.weight.numel() == 48 * 64
+    assert model.out.packed is None and model.out.weight.numel() == 47 * 64

@@ -112,8 +112,9 @@ def test_int8_model_stays_close_to_bf16(variant: str, min_cosine: float, min_top
     int8 = load_model(checkpoint, dtype="bfloat16", progress=False, quantization="int8")
     decoder = int8.model.language_model
     linears = [m for m in decoder.modules() if isinstance(m, Linear)]
-    assert linears and all(m.int8 is not None and m.weight.numel() == 0 for m in linears)
-    assert int8.lm_head.int8 is not None
+    assert linears and all(isinstance(m.packed, Int8Weight) and m.weight.numel() == 0
+                           for m in linears)
+    assert isinstance(int8.lm_head.packed, Int8Weight)
     want, got = glmv_logits(bf16, prompt), glmv_logits(int8, prompt)
     cosine = torch.nn.functional.cosine_similarity(want, got, dim=-1)
     if variant == "glm-4.1v-thinking":
@@ -144,7 +145,8 @@ def test_int8_vision_tower_stays_close_to_bf16(variant: str, min_cosine: float,
     bf16 = load_model(checkpoint, dtype="bfloat16", progress=False)
     int8 = load_model(checkpoint, dtype="bfloat16", progress=False, quantization="int8")
     linears = [m for m in int8.visual.modules() if isinstance(m, Linear)]
-    assert linears and all(m.int8 is not None and m.weight.numel() == 0 for m in linears)
+    assert linears and all(isinstance(m.packed, Int8Weight) and m.weight.numel() == 0
+                           for m in linears)
     patches = torch.cat([item.pixel_values for item in prompt.mm_items])
     grids = [item.grid_thw for item in prompt.mm_items]
     with torch.inference_mode():
@@ -174,6 +176,6 @@ def test_engine_serves_an_int8_model(tensor_parallel_size: int, tiny_checkpoint:
              tensor_parallel_size=tensor_parallel_size, kv_cache_memory=0.05,
              max_model_len=2048, show_progress=False) as llm:
         outputs = llm.chat(conversations, params, use_tqdm=False)  # type: ignore[arg-type]
-        assert llm.llm_engine.runner.model.lm_head.int8 is not None
+        assert isinstance(llm.llm_engine.runner.model.lm_head.packed, Int8Weight)
     assert [len(o.outputs[0].token_ids) for o in outputs] == [6, 6]
     assert all(o.outputs[0].finish_reason == "length" for o in outputs)
