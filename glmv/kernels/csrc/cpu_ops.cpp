@@ -450,6 +450,31 @@ void int8_accumulate(const Int8Args& a, int64_t m0, int64_t nb0, __m512i (&acc)[
   }
 }
 
+// One row (decode): two chains per channel block (even and odd quads), as bf16_accumulate<1, 2>.
+template <>
+void int8_accumulate<1, 2>(const Int8Args& a, int64_t m0, int64_t nb0, __m512i (&acc)[1][2]) {
+  const int64_t quads = a.kp / kVnniQuad;
+  const int8_t* w0 = a.w + nb0 * quads * 64;
+  const int8_t* w1 = w0 + quads * 64;
+  const uint8_t* x = a.x + m0 * a.xs;
+  __m512i c0 = _mm512_setzero_si512(), c1 = c0, d0 = c0, d1 = c0;
+  int64_t q = 0;
+  for (; q + 2 <= quads; q += 2) {
+    const __m512i x0 = bcast_quad(x + q * kVnniQuad), x1 = bcast_quad(x + (q + 1) * kVnniQuad);
+    c0 = _mm512_dpbusd_epi32(c0, x0, _mm512_loadu_si512(w0 + q * 64));
+    c1 = _mm512_dpbusd_epi32(c1, x0, _mm512_loadu_si512(w1 + q * 64));
+    d0 = _mm512_dpbusd_epi32(d0, x1, _mm512_loadu_si512(w0 + (q + 1) * 64));
+    d1 = _mm512_dpbusd_epi32(d1, x1, _mm512_loadu_si512(w1 + (q + 1) * 64));
+  }
+  if (q < quads) {
+    const __m512i x0 = bcast_quad(x + q * kVnniQuad);
+    c0 = _mm512_dpbusd_epi32(c0, x0, _mm512_loadu_si512(w0 + q * 64));
+    c1 = _mm512_dpbusd_epi32(c1, x0, _mm512_loadu_si512(w1 + q * 64));
+  }
+  acc[0][0] = _mm512_add_epi32(c0, d0);
+  acc[0][1] = _mm512_add_epi32(c1, d1);
+}
+
 // The hot block (8 rows x 32 channels) with its 16 accumulators as named variables: from the
 // array above gcc 12 copied accumulators between registers and spilled two to the stack on
 // every iteration (vpdpbusd's accumulator is both input and output).
