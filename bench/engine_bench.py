@@ -15,8 +15,11 @@ prompts, greedy, every request producing exactly --output-len tokens (EOS ignore
   (TPOT, median interval), decode tokens/s, and the weight bandwidth decode achieves
   (decoder + LM head bytes read per token / TPOT) against this machine's read bandwidth
   (the best of: `torch.sum` over 1 GiB in bf16 and fp32, a batch-1 bf16 GEMV over a 1 GiB
-  weight plain, oneDNN-packed and in glmv's bf16 blocks; best of 5 each) as
-  `fraction_of_floor` (1.0 = at the memory floor); plus the TTFT of one single-image chat.
+  weight plain, oneDNN-packed and in glmv's bf16 blocks; best of 5 each; and `torch.sum`
+  samples taken between the runs) as `fraction_of_floor` (1.0 = at the memory floor), and
+  as `fraction_of_floor_beside`: each run against the better of the two samples around it,
+  the median over runs (the bandwidth of the moment it ran in); plus the TTFT of one
+  single-image chat.
 - --profile: cProfile and torch.profiler over 5 glmv decode steps at batch --num-requests.
 
 Every timed run uses prompts and media no earlier run has seen, so glmv's prefix and encoder
@@ -45,6 +48,7 @@ from sides import (
     GlmvSide,
     HFSide,
     Side,
+    StreamTiming,
     Throughput,
     bytes_read_per_token,
     profile_decode,
@@ -60,6 +64,7 @@ from workloads import (
     machine_gbps,
     make_workload,
     read_bandwidth_gbps,
+    sample_bandwidth,
     scenario_list,
 )
 
@@ -106,21 +111,34 @@ class Bench:
 
     def single(self, bytes_per_token: dict[str, float], bandwidth: dict[str, float]) -> None:
         """One request at a time: text TTFT/TPOT/bandwidth, then one-image TTFT.
-        `bytes_per_token`: weight bytes each side reads per token (int8 reads fewer)."""
+        `bytes_per_token`: weight bytes each side reads per token (int8 reads fewer). The text
+        runs are bracketed by read-bandwidth samples (`sample_bandwidth`, into `bandwidth`);
+        every side's fraction of the floor is taken against the best of all of them."""
         args = self.args
         result: dict[str, Any] = {}
+        runs: dict[str, list[StreamTiming]] = {}
         for side in self.sides:
             side.stream(self.workload("text", 1).texts[0], 4)  # warm-up
             side.stream(image_chats(self.workload("image", 1).images)[0], 2)
             with CpuWatch() as watch:
-                runs = [side.stream(self.workload("text", 1).texts[0], args.output_len)
-                        for _ in range(args.single_repeats)]
+                runs[side.name] = []
+                samples = [sample_bandwidth(bandwidth)]
+                for _ in range(args.single_repeats):
+                    runs[side.name].append(side.stream(self.workload("text", 1).texts[0],
+                                                       args.output_len))
+                    samples.append(sample_bandwidth(bandwidth))
                 image = [side.stream(image_chats(self.workload("image", 1).images)[0], 2).ttft_s
                          for _ in range(args.single_repeats)]
-            result[side.name] = summarise_streams(runs, bytes_per_token[side.name],
-                                                  bandwidth) | {
+            beside = [bytes_per_token[side.name] / run.tpot_s / 1e9 / max(before, after)
+                      for run, before, after in zip(runs[side.name], samples, samples[1:],
+                                                    strict=False)]
+            result[side.name] = {
+                "fraction_of_floor_beside": round(statistics.median(beside), 3),
                 "image_ttft_ms": round(1e3 * statistics.median(image), 1)}
             result[side.name] |= watched(watch, "single", side.name)
+        for side in self.sides:
+            result[side.name] = summarise_streams(runs[side.name], bytes_per_token[side.name],
+                                                  bandwidth) | result[side.name]
             print(f"single: {side.name} {result[side.name]}", file=sys.stderr)
         self.results["single"] = result
 
@@ -160,6 +178,7 @@ ROWS = [
     ("single: decode tok/s", "single", "decode_tok_s", True),
     ("single: weight GB/s", "single", "achieved_GBps", True),
     ("single: fraction_of_floor", "single", "fraction_of_floor", True),
+    ("single: fraction, floor beside", "single", "fraction_of_floor_beside", True),
     ("single image: TTFT ms", "single", "image_ttft_ms", False),
 ]
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from workloads import Conversation, CpuWatch, _busy_cpu_s, _own_cpu_s
+from workloads import Conversation, CpuWatch, _busy_cpu_s, _own_cpu_s, sample_bandwidth
 
 MODEL_NAME = "glmv-bench"  # --served-model-name of both servers
 START_TIMEOUT_S = 900.0  # vLLM-CPU takes ~155 s on 2 cores; leave room for a busy machine
@@ -306,22 +306,39 @@ def one_at_a_time(url: str, conversations: Sequence[Conversation],
 
 
 def server_single(url: str, conversations: Sequence[Conversation], output_len: int, pid: int,
-                  bytes_per_token: float, gbps: float) -> dict[str, Any]:
+                  bytes_per_token: float, bandwidth: dict[str, float]) -> dict[str, Any]:
     """One text request at a time: half of them 1 token long (their time is the TTFT), half
     `output_len` long; the difference of the medians is the time of `output_len` - 1 decode
-    steps (HTTP, detokenizing and streaming included, as a client sees them)."""
+    steps (HTTP, detokenizing and streaming included, as a client sees them). The long ones
+    are bracketed by read-bandwidth samples (`sample_bandwidth`, into `bandwidth`); the
+    fraction of the floor is set against the best of the whole run afterwards
+    (`set_fractions`)."""
     half = len(conversations) // 2
-    with TreeCpuWatch(pid) as watch:
+    with TreeCpuWatch(pid) as watch:  # the samples run in this process: not "other" CPU
         first, trouble = one_at_a_time(url, conversations[:half], 1)
+        before = sample_bandwidth(bandwidth)
         whole, more = one_at_a_time(url, conversations[half:], output_len)
+        after = sample_bandwidth(bandwidth)
     ttft, total = statistics.median(first), statistics.median(whole)
     tpot = (total - ttft) / (output_len - 1)
     return {"num_requests": len(conversations), "ttft_ms": round(1e3 * ttft, 1),
             "request_ms": round(1e3 * total, 1), "tpot_ms": round(1e3 * tpot, 2),
             "decode_tok_s": round(1 / tpot, 1),
             "achieved_GBps": round(bytes_per_token / tpot / 1e9, 1),
-            "fraction_of_floor": round(bytes_per_token / tpot / 1e9 / gbps, 3),
+            "fraction_of_floor_beside": round(bytes_per_token / tpot / 1e9
+                                              / max(before, after), 3),
             "problems": trouble + more} | cpu_figures(watch)
+
+
+def set_fractions(result: dict[str, Any], gbps: float) -> None:
+    """A side's single-stream figures (per round and their median) as fractions of the
+    memory floor at `gbps`, the best read bandwidth of the whole run."""
+    single = result.get("single")
+    if not isinstance(single, dict):
+        return
+    for figures in [single, *single.get("rounds", [])]:
+        if isinstance(figures.get("achieved_GBps"), (int, float)):
+            figures["fraction_of_floor"] = round(figures["achieved_GBps"] / gbps, 3)
 
 
 def server_image_ttft(url: str, conversations: Sequence[Conversation],

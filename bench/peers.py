@@ -24,9 +24,12 @@ glmv's content-keyed encoder cache never hits.
   of their times is the time to first token, TTFT), half --output-len long; the difference of
   the medians over --output-len - 1 is the time per output token, so the decode tok/s, the
   weight bandwidth achieved (decoder + LM head bytes read per token / that time) and its
-  fraction of this machine's read bandwidth (the memory floor; measured here before any
-  server starts, as in engine_bench). The checkpoint's random weights mostly pick token ids
-  past its small tokenizer, which stream no text, so streamed chunks cannot time tokens.
+  fraction of this machine's read bandwidth (the memory floor: the best of the measurements
+  made before any server starts, as in engine_bench, and of `torch.sum` samples taken just
+  before and after every side's long requests), and against the better of the two samples
+  around that side's long requests (the bandwidth of the moment they ran in). The
+  checkpoint's random weights mostly pick token ids past its small tokenizer, which stream
+  no text, so streamed chunks cannot time tokens.
 - image_ttft: --repeats one-image requests of 1 token, one at a time: median TTFT; then
   --ttft-concurrency of them at once: the median request time is the TTFT under that load.
 - memory: each server's resident memory summed over its process tree (vLLM's API server, its
@@ -74,6 +77,7 @@ from peer_servers import (
     server_batch,
     server_image_ttft,
     server_single,
+    set_fractions,
     tree_memory_mib,
 )
 from sides import bytes_read_per_token, greedy, throughput
@@ -234,7 +238,8 @@ def start_server(stack: contextlib.ExitStack, command: ServerCommand, plan: Plan
 
 
 def scenarios(server: Server, plan: Plan, args: argparse.Namespace, bytes_per_token: float,
-              gbps: float, round_index: int) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
+              bandwidth: dict[str, float], round_index: int
+              ) -> list[tuple[str, Callable[[], dict[str, Any]]]]:
     """Each timed scenario of one round against `server`, as (key, run)."""
     url, pid = server.command.url, server.pid
     out: list[tuple[str, Callable[[], dict[str, Any]]]] = [
@@ -243,7 +248,7 @@ def scenarios(server: Server, plan: Plan, args: argparse.Namespace, bytes_per_to
     if "single" in args.scenarios:
         out.append(("single", lambda: server_single(url, plan.single[round_index],
                                                     args.output_len, pid, bytes_per_token,
-                                                    gbps)))
+                                                    bandwidth)))
     if "image_ttft" in args.scenarios:
         out.append(("image_ttft", lambda: server_image_ttft(url, plan.image_ttft[round_index],
                                                             pid)))
@@ -253,7 +258,7 @@ def scenarios(server: Server, plan: Plan, args: argparse.Namespace, bytes_per_to
 
 
 def measure_servers(servers: list[Server], plan: Plan, args: argparse.Namespace,
-                    bytes_per_token: dict[str, float], gbps: float) -> None:
+                    bytes_per_token: dict[str, float], bandwidth: dict[str, float]) -> None:
     """--rounds rounds; in each, every scenario runs on every server in turn, the order
     reversed every other round, so that a drift of the machine (its memory bandwidth moves by
     tens of percent over minutes here) falls on all sides alike. Each gets the same requests
@@ -263,7 +268,7 @@ def measure_servers(servers: list[Server], plan: Plan, args: argparse.Namespace,
         by_key: dict[str, list[tuple[Server, Callable[[], dict[str, Any]]]]] = {}
         for server in order:
             per_token = bytes_per_token[server.command.name]
-            for key, measure in scenarios(server, plan, args, per_token, gbps, r):
+            for key, measure in scenarios(server, plan, args, per_token, bandwidth, r):
                 by_key.setdefault(key, []).append((server, measure))
         for key, pending in by_key.items():
             for server, measure in pending:
@@ -361,6 +366,8 @@ def rows(args: argparse.Namespace) -> list[Row]:
         ("one text stream: decode tok/s", "single", "decode_tok_s", True),
         ("one text stream: weight GB/s read", "single", "achieved_GBps", True),
         ("one text stream: fraction of memory floor", "single", "fraction_of_floor", True),
+        ("one text stream: fraction, floor beside its runs", "single",
+         "fraction_of_floor_beside", True),
         (f"one image alone: TTFT ms (median of {args.repeats})", "image_ttft", "median_ttft_ms",
          False),
         (f"image, {args.ttft_concurrency} at once: median TTFT ms",
@@ -517,7 +524,10 @@ def run(args: argparse.Namespace, media_dir: Path) -> dict[str, Any]:
             except (RuntimeError, OSError, httpx.HTTPError) as exc:
                 print(f"{command.name} failed to start: {exc}", file=sys.stderr)
                 results[command.name] = {"error": str(exc)[-3000:]}
-        measure_servers(servers, plan, args, per_token, gbps)
+        measure_servers(servers, plan, args, per_token, bandwidth)
+        gbps = machine_gbps(bandwidth)
+        for server in servers:
+            set_fractions(server.result, gbps)
         results |= {server.command.name: server.result for server in servers}
     if not args.skip_glmv and not args.skip_offline and plan.batches[0]:
         results["glmv_offline"] = survive("glmv_offline",

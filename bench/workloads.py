@@ -152,6 +152,22 @@ def read_bandwidth_gbps(dtype: torch.dtype, num_bytes: int = 1 << 30, repeats: i
     return num_bytes / best / 1e9
 
 
+#: Key of the read bandwidth sampled just before and after each single-stream decode run.
+BESIDE_DECODE = "sum_float32_beside_decode"
+
+
+def sample_bandwidth(bandwidth: dict[str, float]) -> float:
+    """Measure `torch.sum`'s read bandwidth again (fp32 over 1 GiB, best of 2), keep the best
+    such sample in `bandwidth[BESIDE_DECODE]` and return this one. This machine's bandwidth
+    moves between ~32 and ~60 GB/s within minutes, so each single-stream run is bracketed by
+    samples: the floor of the whole run is the best of everything measured (never a slower
+    moment than the one a run ran in), and each run also gets the floor of its own moment,
+    the better of its two neighbouring samples."""
+    gbps = round(read_bandwidth_gbps(torch.float32, repeats=2), 1)
+    bandwidth[BESIDE_DECODE] = max(bandwidth.get(BESIDE_DECODE, 0.0), gbps)
+    return gbps
+
+
 class CpuWatch:
     """CPU seconds spent on this machine by other processes while a timed run lasts. On a
     2-core box a concurrent job (a test run) can slow torch's threads several-fold; this says
