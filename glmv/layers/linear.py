@@ -138,8 +138,10 @@ class Bf16Blocks:
     def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Blocks:
         n, k = weight.shape
         np_, kp = -(-n // BF16_LANES) * BF16_LANES, -(-k // BF16_PAIR) * BF16_PAIR
-        padded = weight.detach().new_zeros(np_, kp)
-        padded[:n, :k] = weight.detach()
+        padded = weight.detach()
+        if (np_, kp) != (n, k):  # (no transient copy of a large weight that needs no padding)
+            padded = padded.new_zeros(np_, kp)
+            padded[:n, :k] = weight.detach()
         blocks = padded.view(np_ // BF16_LANES, BF16_LANES, kp // BF16_PAIR,
                              BF16_PAIR).transpose(1, 2).contiguous()
         fbias = None

@@ -378,20 +378,168 @@ void write_kv(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor&
 }
 
 // ---------------------------------------------------------------------------------------------
-// W8A8 int8 linear (--quantization int8): y = x W^T + b with W int8 per output channel
-// (scale sw[n]) and x quantized per row here (symmetric, scale sx[m]):
-//   y[m, n] = (sum_k (xq[m, k] + 128) w[n, k] - 128 wsum[n]) * sx[m] * sw[n] + b[n]
-// The +128 makes the activations unsigned for AVX512-VNNI's u8 x s8 dot (vpdpbusd: 64
-// products per instruction, the weights used as stored); wsum[n] = sum_k w[n, k] removes it.
+// Linear layers on lane blocks: y = x W^T (+ b), for the int8 product of --quantization int8
+// and the bf16 product of every bf16 linear layer on a CPU with AVX512-BF16.
 //
-// Weights come in VNNI blocks, [Np / 16][Kp / 4][16][4]: for 16 output channels, each group of
-// 4 inputs. One 512-bit load is then 16 channels x 4 inputs, and a 4-byte broadcast of a row's
-// inputs multiplies it, accumulating 16 outputs per register with no horizontal sums. A block
-// of 8 rows x 32 channels keeps 16 accumulators; a strip of 32 channels' weights stays in L1/L2
-// while every block of rows passes over it, so a batch reads the weights from memory once.
-// N and K are padded (Np to 16, Kp to 4) with zero weights; scale, sum and bias to Np.
+// Weights come in blocks [Np / 16][Kp / G][16][G]: for 16 output channels, each group of G
+// inputs that one 32-bit lane holds (int8: G = 4, bf16: G = 2). One 512-bit load is then one
+// 64-byte line of 16 channels x G inputs, and a 32-bit broadcast of a row's G inputs multiplies
+// it (vpdpbusd: 64 int8 products, vdpbf16ps: 32 bf16 products per instruction), accumulating
+// 16 outputs per register with no horizontal sums. A thread's share of the channels is one
+// sequential stream of lines, which the hardware prefetchers follow at the speed of a plain
+// sum: at one row (decode) oneDNN's packed bf16 products read the same weights ~20% slower on
+// AVX512-BF16 machines. A block of 8 rows x 32 channels keeps 16 accumulators; a strip of 32
+// channels' weights stays in L1/L2 while every block of rows passes over it, so a batch reads
+// the weights from memory once (and prefill-sized bf16 batches run at oneDNN's speed).
+// N and K are padded (Np to 16, Kp to G) with zero weights; per-channel vectors to Np.
 
-constexpr int64_t kVnniLanes = 16, kVnniQuad = 4;
+constexpr int64_t kLaneChannels = 16;
+
+#if defined(__AVX512BF16__)
+// two bf16 at `x` in every 32-bit lane (a broadcast from memory: one load, no shuffle)
+inline __m512bh bcast_pair(const uint16_t* x) {
+  float pair;
+  std::memcpy(&pair, x, sizeof pair);
+  return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
+}
+
+// The two dot products (D): accumulator type, the group of inputs per lane, and the steps.
+#if defined(__AVX512VNNI__)
+struct Int8Dot {
+  using Acc = __m512i;
+  using Vec = __m512i;
+  using W = int8_t;
+  using X = uint8_t;
+  static constexpr int64_t kGroup = 4;
+  static Acc zero() { return _mm512_setzero_si512(); }
+  static Vec bcast(const X* x) {  // a row's 4 inputs in every 32-bit lane
+    int32_t quad;
+    std::memcpy(&quad, x, sizeof quad);
+    return _mm512_set1_epi32(quad);
+  }
+  static Vec load(const W* w) { return _mm512_loadu_si512(w); }
+  static Acc dot(Acc acc, Vec x, Vec w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_epi32(a, b); }
+};
+#endif
+
+struct Bf16Dot {
+  using Acc = __m512;
+  using Vec = __m512bh;
+  using W = uint16_t;
+  using X = uint16_t;
+  static constexpr int64_t kGroup = 2;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Vec bcast(const X* x) { return bcast_pair(x); }
+  static Vec load(const W* w) { return (__m512bh)_mm512_loadu_si512(w); }
+  static Acc dot(Acc acc, Vec x, Vec w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+};
+
+// acc[i][j] = sum over K of x row m0 + i times the weights of channel block nb0 + j, for
+// arguments A with x [M, xs] (groups of inputs), w (blocks), kp and xs.
+template <class D, int MB, int NB>
+struct LaneAccumulate {
+  template <class A>
+  static void run(const A& a, int64_t m0, int64_t nb0, typename D::Acc (&acc)[MB][NB]) {
+    const int64_t groups = a.kp / D::kGroup;
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = D::zero();
+    const typename D::W* wb = a.w + nb0 * groups * 64 / sizeof(typename D::W);
+    for (int64_t g = 0; g < groups; ++g) {
+      typename D::Vec wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = D::load(wb + (j * groups + g) * 64 / sizeof(*wb));
+      for (int i = 0; i < MB; ++i) {
+        const typename D::Vec xv = D::bcast(a.x + (m0 + i) * a.xs + g * D::kGroup);
+        for (int j = 0; j < NB; ++j) acc[i][j] = D::dot(acc[i][j], xv, wv[j]);
+      }
+    }
+  }
+};
+
+// One row (decode): two chains per channel block (even and odd groups), so that the dot
+// instruction's latency never holds the stream back.
+template <class D>
+struct LaneAccumulate<D, 1, 2> {
+  template <class A>
+  static void run(const A& a, int64_t m0, int64_t nb0, typename D::Acc (&acc)[1][2]) {
+    constexpr int64_t line = 64 / sizeof(typename D::W);
+    const int64_t groups = a.kp / D::kGroup;
+    const typename D::W* w0 = a.w + nb0 * groups * line;
+    const typename D::W* w1 = w0 + groups * line;
+    const typename D::X* x = a.x + m0 * a.xs;
+    typename D::Acc c0 = D::zero(), c1 = c0, d0 = c0, d1 = c0;
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      const typename D::Vec x0 = D::bcast(x + g * D::kGroup);
+      const typename D::Vec x1 = D::bcast(x + (g + 1) * D::kGroup);
+      c0 = D::dot(c0, x0, D::load(w0 + g * line));
+      c1 = D::dot(c1, x0, D::load(w1 + g * line));
+      d0 = D::dot(d0, x1, D::load(w0 + (g + 1) * line));
+      d1 = D::dot(d1, x1, D::load(w1 + (g + 1) * line));
+    }
+    if (g < groups) {
+      const typename D::Vec x0 = D::bcast(x + g * D::kGroup);
+      c0 = D::dot(c0, x0, D::load(w0 + g * line));
+      c1 = D::dot(c1, x0, D::load(w1 + g * line));
+    }
+    acc[0][0] = D::add(c0, d0);
+    acc[0][1] = D::add(c1, d1);
+  }
+};
+
+// The hot block (8 rows x 32 channels) with its 16 accumulators as named variables: from the
+// array above gcc 12 copied accumulators between registers and spilled two to the stack on
+// every iteration (the dot instructions' accumulator is both input and output).
+template <class D>
+struct LaneAccumulate<D, 8, 2> {
+  template <class A>
+  static void run(const A& a, int64_t m0, int64_t nb0, typename D::Acc (&acc)[8][2]) {
+    constexpr int64_t line = 64 / sizeof(typename D::W);
+    const int64_t groups = a.kp / D::kGroup, xs = a.xs;
+    typename D::Acc c00 = D::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
+                    c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00,
+                    c60 = c00, c61 = c00, c70 = c00, c71 = c00;
+    const typename D::W* w0p = a.w + nb0 * groups * line;
+    const typename D::W* w1p = w0p + groups * line;
+    const typename D::X* x = a.x + m0 * xs;
+    for (int64_t g = 0; g < groups; ++g) {
+      const typename D::Vec w0 = D::load(w0p + g * line);
+      const typename D::Vec w1 = D::load(w1p + g * line);
+      const typename D::X* xg = x + g * D::kGroup;
+#define GLMV_LANE_ROW(i, lo, hi)                              \
+  {                                                           \
+    const typename D::Vec xv = D::bcast(xg + (i) * xs);       \
+    lo = D::dot(lo, xv, w0);                                  \
+    hi = D::dot(hi, xv, w1);                                  \
+  }
+      GLMV_LANE_ROW(0, c00, c01) GLMV_LANE_ROW(1, c10, c11)
+      GLMV_LANE_ROW(2, c20, c21) GLMV_LANE_ROW(3, c30, c31)
+      GLMV_LANE_ROW(4, c40, c41) GLMV_LANE_ROW(5, c50, c51)
+      GLMV_LANE_ROW(6, c60, c61) GLMV_LANE_ROW(7, c70, c71)
+#undef GLMV_LANE_ROW
+    }
+    acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
+    acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
+    acc[4][0] = c40; acc[4][1] = c41; acc[5][0] = c50; acc[5][1] = c51;
+    acc[6][0] = c60; acc[6][1] = c61; acc[7][0] = c70; acc[7][1] = c71;
+  }
+};
+
+// the lanes of channels [n, n + 16) that exist
+inline __mmask16 channel_mask(int64_t n, int64_t total) {
+  return total - n >= kLaneChannels ? __mmask16(0xffff) : __mmask16((1u << (total - n)) - 1);
+}
+#endif
+
+
+// -- int8 (W8A8, --quantization int8): y = x W^T + b with W int8 per output channel (scale
+// sw[n]) and x quantized per row here (symmetric, scale sx[m]):
+//   y[m, n] = (sum_k (xq[m, k] + 128) w[n, k] - 128 wsum[n]) * sx[m] * sw[n] + b[n]
+// The +128 makes the activations unsigned for AVX512-VNNI's u8 x s8 dot (the weights used as
+// stored); wsum[n] = sum_k w[n, k] removes it. Blocks [Np / 16][Kp / 4][16][4].
+
+constexpr int64_t kInt8Group = 4;
 
 void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64_t stride,
                    int64_t out_stride, uint8_t* out, float* scale) {
@@ -426,98 +574,14 @@ struct Int8Args {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
-// a row's 4 quantized inputs at x in every 32-bit lane
-inline __m512i bcast_quad(const uint8_t* x) {
-  int32_t quad;
-  std::memcpy(&quad, x, sizeof quad);
-  return _mm512_set1_epi32(quad);
-}
-
-// acc[i][j] = sum over K of x row m0 + i times the weights of channel block nb0 + j
 template <int MB, int NB>
-void int8_accumulate(const Int8Args& a, int64_t m0, int64_t nb0, __m512i (&acc)[MB][NB]) {
-  const int64_t quads = a.kp / kVnniQuad;
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
-  const int8_t* wb = a.w + nb0 * quads * 64;
-  for (int64_t q = 0; q < quads; ++q) {
-    __m512i wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (j * quads + q) * 64);
-    for (int i = 0; i < MB; ++i) {
-      const __m512i xv = bcast_quad(a.x + (m0 + i) * a.xs + q * kVnniQuad);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
-    }
-  }
-}
-
-// One row (decode): two chains per channel block (even and odd quads), as bf16_accumulate<1, 2>.
-template <>
-void int8_accumulate<1, 2>(const Int8Args& a, int64_t m0, int64_t nb0, __m512i (&acc)[1][2]) {
-  const int64_t quads = a.kp / kVnniQuad;
-  const int8_t* w0 = a.w + nb0 * quads * 64;
-  const int8_t* w1 = w0 + quads * 64;
-  const uint8_t* x = a.x + m0 * a.xs;
-  __m512i c0 = _mm512_setzero_si512(), c1 = c0, d0 = c0, d1 = c0;
-  int64_t q = 0;
-  for (; q + 2 <= quads; q += 2) {
-    const __m512i x0 = bcast_quad(x + q * kVnniQuad), x1 = bcast_quad(x + (q + 1) * kVnniQuad);
-    c0 = _mm512_dpbusd_epi32(c0, x0, _mm512_loadu_si512(w0 + q * 64));
-    c1 = _mm512_dpbusd_epi32(c1, x0, _mm512_loadu_si512(w1 + q * 64));
-    d0 = _mm512_dpbusd_epi32(d0, x1, _mm512_loadu_si512(w0 + (q + 1) * 64));
-    d1 = _mm512_dpbusd_epi32(d1, x1, _mm512_loadu_si512(w1 + (q + 1) * 64));
-  }
-  if (q < quads) {
-    const __m512i x0 = bcast_quad(x + q * kVnniQuad);
-    c0 = _mm512_dpbusd_epi32(c0, x0, _mm512_loadu_si512(w0 + q * 64));
-    c1 = _mm512_dpbusd_epi32(c1, x0, _mm512_loadu_si512(w1 + q * 64));
-  }
-  acc[0][0] = _mm512_add_epi32(c0, d0);
-  acc[0][1] = _mm512_add_epi32(c1, d1);
-}
-
-// The hot block (8 rows x 32 channels) with its 16 accumulators as named variables: from the
-// array above gcc 12 copied accumulators between registers and spilled two to the stack on
-// every iteration (vpdpbusd's accumulator is both input and output).
-template <>
-void int8_accumulate<8, 2>(const Int8Args& a, int64_t m0, int64_t nb0, __m512i (&acc)[8][2]) {
-  const int64_t quads = a.kp / kVnniQuad, xs = a.xs;
-  __m512i c00 = _mm512_setzero_si512(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-          c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
-          c61 = c00, c70 = c00, c71 = c00;
-  const int8_t* w0p = a.w + nb0 * quads * 64;
-  const int8_t* w1p = w0p + quads * 64;
-  const uint8_t* x = a.x + m0 * xs;
-  for (int64_t q = 0; q < quads; ++q) {
-    const __m512i w0 = _mm512_loadu_si512(w0p + q * 64);
-    const __m512i w1 = _mm512_loadu_si512(w1p + q * 64);
-    const uint8_t* xq = x + q * kVnniQuad;
-#define GLMV_INT8_ROW(i, lo, hi)                   \
-  {                                                \
-    const __m512i xv = bcast_quad(xq + (i) * xs);  \
-    lo = _mm512_dpbusd_epi32(lo, xv, w0);          \
-    hi = _mm512_dpbusd_epi32(hi, xv, w1);          \
-  }
-    GLMV_INT8_ROW(0, c00, c01) GLMV_INT8_ROW(1, c10, c11)
-    GLMV_INT8_ROW(2, c20, c21) GLMV_INT8_ROW(3, c30, c31)
-    GLMV_INT8_ROW(4, c40, c41) GLMV_INT8_ROW(5, c50, c51)
-    GLMV_INT8_ROW(6, c60, c61) GLMV_INT8_ROW(7, c70, c71)
-#undef GLMV_INT8_ROW
-  }
-  acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
-  acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
-  acc[4][0] = c40; acc[4][1] = c41; acc[5][0] = c50; acc[5][1] = c51;
-  acc[6][0] = c60; acc[6][1] = c61; acc[7][0] = c70; acc[7][1] = c71;
-}
-
-template <int MB, int NB>
-void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
+void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
   __m512i acc[MB][NB];
-  int8_accumulate<MB, NB>(a, m0, nb0, acc);
+  LaneAccumulate<Int8Dot, MB, NB>::run(a, m0, nb0, acc);
   for (int j = 0; j < NB; ++j) {
-    const int64_t n = (nb0 + j) * kVnniLanes;
+    const int64_t n = (nb0 + j) * kLaneChannels;
     if (n >= a.n) break;
-    const __mmask16 keep = a.n - n >= kVnniLanes ? __mmask16(0xffff)
-                                                 : __mmask16((1u << (a.n - n)) - 1);
+    const __mmask16 keep = channel_mask(n, a.n);
     const __m512i offset = _mm512_mullo_epi32(_mm512_loadu_si512(a.wsum + n),
                                               _mm512_set1_epi32(128));
     const __m512 sw = _mm512_loadu_ps(a.sw + n);
@@ -533,19 +597,19 @@ void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
 constexpr bool kVnniKernel = true;
 #else
 template <int MB, int NB>
-void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
-  const int64_t quads = a.kp / kVnniQuad;
+void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
+  const int64_t quads = a.kp / kInt8Group;
   for (int j = 0; j < NB; ++j) {
     const int8_t* wb = a.w + (nb0 + j) * quads * 64;
-    for (int64_t lane = 0; lane < kVnniLanes; ++lane) {
-      const int64_t n = (nb0 + j) * kVnniLanes + lane;
+    for (int64_t lane = 0; lane < kLaneChannels; ++lane) {
+      const int64_t n = (nb0 + j) * kLaneChannels + lane;
       if (n >= a.n) break;
       for (int i = 0; i < MB; ++i) {
         int32_t dot = 0;
         const uint8_t* xr = a.x + (m0 + i) * a.xs;
         for (int64_t q = 0; q < quads; ++q)
-          for (int64_t t = 0; t < kVnniQuad; ++t)
-            dot += int32_t(xr[q * kVnniQuad + t]) * int32_t(wb[(q * kVnniLanes + lane) * 4 + t]);
+          for (int64_t t = 0; t < kInt8Group; ++t)
+            dot += int32_t(xr[q * kInt8Group + t]) * int32_t(wb[(q * kLaneChannels + lane) * 4 + t]);
         float v = float(dot - 128 * a.wsum[n]) * a.sx[m0 + i] * a.sw[n];
         if (a.bias != nullptr) v += a.bias[n];
         a.y[(m0 + i) * a.n + n] = f2bf(v);
@@ -556,13 +620,83 @@ void int8_block(const Int8Args& a, int64_t m0, int64_t nb0) {
 constexpr bool kVnniKernel = false;
 #endif
 
-template <int NB>
-void int8_rows(const Int8Args& a, int64_t m, int64_t nb0) {
+// -- bf16: y = bf16(x W^T + b), fp32 sums, the bias added in fp32. Blocks [Np / 16][Kp / 2][16][2].
+
+constexpr int64_t kBf16Group = 2;
+
+struct Bf16Args {
+  const uint16_t* x;   // [M, xs] rows, zero past K
+  const uint16_t* w;   // blocks
+  const float* bias;   // [Np] or null
+  uint16_t* y;         // [M, n]
+  int64_t kp, n, xs;   // xs: Kp plus 32 elements, so that a block's rows do not share L1 sets
+};
+
+#if defined(__AVX512BF16__)
+template <int MB, int NB>
+void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
+  __m512 acc[MB][NB];
+  LaneAccumulate<Bf16Dot, MB, NB>::run(a, m0, nb0, acc);
+  for (int j = 0; j < NB; ++j) {
+    const int64_t n = (nb0 + j) * kLaneChannels;
+    if (n >= a.n) break;
+    const __mmask16 keep = channel_mask(n, a.n);
+    const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
+    for (int i = 0; i < MB; ++i) {
+      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], bias));
+      _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
+    }
+  }
+}
+constexpr bool kBf16Linear = true;
+#else
+template <int MB, int NB>
+void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
+  const int64_t pairs = a.kp / kBf16Group;
+  for (int j = 0; j < NB; ++j) {
+    const uint16_t* wb = a.w + (nb0 + j) * pairs * 32;
+    for (int64_t lane = 0; lane < kLaneChannels; ++lane) {
+      const int64_t n = (nb0 + j) * kLaneChannels + lane;
+      if (n >= a.n) break;
+      for (int i = 0; i < MB; ++i) {
+        const uint16_t* xr = a.x + (m0 + i) * a.xs;
+        float dot = 0.f;
+        for (int64_t p = 0; p < pairs; ++p)
+          for (int64_t t = 0; t < kBf16Group; ++t)
+            dot += bf2f(xr[p * kBf16Group + t]) * bf2f(wb[(p * kLaneChannels + lane) * 2 + t]);
+        if (a.bias != nullptr) dot += a.bias[n];
+        a.y[(m0 + i) * a.n + n] = f2bf(dot);
+      }
+    }
+  }
+}
+constexpr bool kBf16Linear = false;
+#endif
+
+// Rows [0, m) of channel blocks nb0 .. nb0 + NB - 1, in blocks of 8, 4, 2 and 1 rows;
+// lane_block<MB, NB>(a, m0, nb0) is each product's own (it computes and stores one block).
+template <int NB, class A>
+void lane_rows(const A& a, int64_t m, int64_t nb0) {
   int64_t i = 0;
-  for (; i + 8 <= m; i += 8) int8_block<8, NB>(a, i, nb0);
-  for (; i + 4 <= m; i += 4) int8_block<4, NB>(a, i, nb0);
-  for (; i + 2 <= m; i += 2) int8_block<2, NB>(a, i, nb0);
-  for (; i < m; ++i) int8_block<1, NB>(a, i, nb0);
+  for (; i + 8 <= m; i += 8) lane_block<8, NB>(a, i, nb0);
+  for (; i + 4 <= m; i += 4) lane_block<4, NB>(a, i, nb0);
+  for (; i + 2 <= m; i += 2) lane_block<2, NB>(a, i, nb0);
+  for (; i < m; ++i) lane_block<1, NB>(a, i, nb0);
+}
+
+// All rows x all channel blocks, the pairs of blocks split over the threads.
+template <class A>
+void lane_product(const A& a, int64_t m, int64_t nblocks) {
+  const int64_t pairs = (nblocks + 1) / 2;
+  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      if (2 * p + 1 < nblocks) {
+        lane_rows<2>(a, m, 2 * p);
+      } else {
+        lane_rows<1>(a, m, 2 * p);
+      }
+    }
+  });
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& w_scale,
@@ -571,12 +705,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   check_bf16(x, "x");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "int8_linear: x must be [M, K], rows contiguous");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.is_contiguous() &&
-                  w.size(2) == kVnniLanes && w.size(3) == kVnniQuad,
+                  w.size(2) == kLaneChannels && w.size(3) == kInt8Group,
               "int8_linear: w must be contiguous int8 VNNI blocks [Np/16, Kp/4, 16, 4]");
-  const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kVnniQuad;
-  const int64_t n = out_features, np = nblocks * kVnniLanes;
-  TORCH_CHECK(kp >= k && kp - k < kVnniQuad, "int8_linear: w's blocks must cover K = ", k);
-  TORCH_CHECK(np >= n && np - n < kVnniLanes, "int8_linear: w's blocks must cover N = ", n);
+  const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kInt8Group;
+  const int64_t n = out_features, np = nblocks * kLaneChannels;
+  TORCH_CHECK(kp >= k && kp - k < kInt8Group, "int8_linear: w's blocks must cover K = ", k);
+  TORCH_CHECK(np >= n && np - n < kLaneChannels, "int8_linear: w's blocks must cover N = ", n);
   auto check_vec = [np](const at::Tensor& t, at::ScalarType type, const char* name) {
     TORCH_CHECK(t.scalar_type() == type && t.numel() == np && t.is_contiguous(),
                 "int8_linear: ", name, " must be a contiguous [Np] vector of the right type");
@@ -594,188 +728,23 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
                    w_scale.data_ptr<float>(), w_sum.data_ptr<int32_t>(),
                    bias.has_value() ? bias->data_ptr<float>() : nullptr,
                    reinterpret_cast<uint16_t*>(y.data_ptr()), kp, n, xs};
-  const int64_t pairs = (nblocks + 1) / 2;
-  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      if (2 * p + 1 < nblocks) {
-        int8_rows<2>(a, m, 2 * p);
-      } else {
-        int8_rows<1>(a, m, 2 * p);
-      }
-    }
-  });
+  lane_product(a, m, nblocks);
   return y;
 }
 
 bool int8_vnni() { return kVnniKernel; }
-
-// ---------------------------------------------------------------------------------------------
-// bf16 linear on blocked weights: y = bf16(x W^T + b), fp32 sums, for the CPU's bf16 layers.
-// Weights [Np / 16][Kp / 2][16][2]: for 16 output channels, each pair of inputs (one 64-byte
-// line). vdpbf16ps multiplies a line by a row's input pair broadcast to every lane (32 products
-// per instruction) and accumulates 16 outputs per register, no horizontal sums. A thread's
-// share of the channels is then one sequential stream of lines, which the hardware
-// prefetchers follow at the speed of a plain sum: at one row (decode) oneDNN's packed products
-// read the same weights ~20% slower on AVX512-BF16 machines. Blocks of 8 rows x 32 channels
-// (16 accumulators) do larger batches, each strip of 32 channels' weights staying in L2 while
-// all rows pass over it. N and K are padded (Np to 16, Kp to 2) with zero weights.
-
-constexpr int64_t kBfLanes = 16, kBfPair = 2;
-
-struct Bf16Args {
-  const uint16_t* x;   // [M, xs] rows, zero past K
-  const uint16_t* w;   // blocks
-  const float* bias;   // [Np] or null
-  uint16_t* y;         // [M, n]
-  int64_t kp, n, xs;   // xs: Kp plus 32 elements, so that a block's rows do not share L1 sets
-};
-
-#if defined(__AVX512BF16__)
-// two bf16 at `x` in every 32-bit lane (a broadcast from memory: one load, no shuffle)
-inline __m512bh bcast_pair(const uint16_t* x) {
-  float pair;
-  std::memcpy(&pair, x, sizeof pair);
-  return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
-}
-
-inline __m512bh load_line(const uint16_t* w) { return (__m512bh)_mm512_loadu_si512(w); }
-
-// acc[i][j] = sum over K of x row m0 + i times the weights of channel block nb0 + j
-template <int MB, int NB>
-void bf16_accumulate(const Bf16Args& a, int64_t m0, int64_t nb0, __m512 (&acc)[MB][NB]) {
-  const int64_t pairs = a.kp / kBfPair;
-  for (int i = 0; i < MB; ++i)
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
-  const uint16_t* wb = a.w + nb0 * pairs * 32;
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh wv[NB];
-    for (int j = 0; j < NB; ++j) wv[j] = load_line(wb + (j * pairs + p) * 32);
-    for (int i = 0; i < MB; ++i) {
-      const __m512bh xv = bcast_pair(a.x + (m0 + i) * a.xs + p * kBfPair);
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], xv, wv[j]);
-    }
-  }
-}
-
-// One row (decode): two chains per channel block (even and odd input pairs), so that
-// vdpbf16ps's latency never holds the stream back.
-template <>
-void bf16_accumulate<1, 2>(const Bf16Args& a, int64_t m0, int64_t nb0, __m512 (&acc)[1][2]) {
-  const int64_t pairs = a.kp / kBfPair;
-  const uint16_t* w0 = a.w + nb0 * pairs * 32;
-  const uint16_t* w1 = w0 + pairs * 32;
-  const uint16_t* x = a.x + m0 * a.xs;
-  __m512 c0 = _mm512_setzero_ps(), c1 = c0, d0 = c0, d1 = c0;
-  int64_t p = 0;
-  for (; p + 2 <= pairs; p += 2) {
-    const __m512bh x0 = bcast_pair(x + p * kBfPair), x1 = bcast_pair(x + (p + 1) * kBfPair);
-    c0 = _mm512_dpbf16_ps(c0, x0, load_line(w0 + p * 32));
-    c1 = _mm512_dpbf16_ps(c1, x0, load_line(w1 + p * 32));
-    d0 = _mm512_dpbf16_ps(d0, x1, load_line(w0 + (p + 1) * 32));
-    d1 = _mm512_dpbf16_ps(d1, x1, load_line(w1 + (p + 1) * 32));
-  }
-  if (p < pairs) {
-    const __m512bh x0 = bcast_pair(x + p * kBfPair);
-    c0 = _mm512_dpbf16_ps(c0, x0, load_line(w0 + p * 32));
-    c1 = _mm512_dpbf16_ps(c1, x0, load_line(w1 + p * 32));
-  }
-  acc[0][0] = _mm512_add_ps(c0, d0);
-  acc[0][1] = _mm512_add_ps(c1, d1);
-}
-
-// The hot block (8 rows x 32 channels) with its accumulators named, as int8_accumulate<8, 2>.
-template <>
-void bf16_accumulate<8, 2>(const Bf16Args& a, int64_t m0, int64_t nb0, __m512 (&acc)[8][2]) {
-  const int64_t pairs = a.kp / kBfPair, xs = a.xs;
-  __m512 c00 = _mm512_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
-         c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00, c60 = c00,
-         c61 = c00, c70 = c00, c71 = c00;
-  const uint16_t* w0p = a.w + nb0 * pairs * 32;
-  const uint16_t* w1p = w0p + pairs * 32;
-  const uint16_t* x = a.x + m0 * xs;
-  for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh w0 = load_line(w0p + p * 32);
-    const __m512bh w1 = load_line(w1p + p * 32);
-    const uint16_t* xp = x + p * kBfPair;
-#define GLMV_BF16_ROW(i, lo, hi)                    \
-  {                                                 \
-    const __m512bh xv = bcast_pair(xp + (i) * xs);  \
-    lo = _mm512_dpbf16_ps(lo, xv, w0);              \
-    hi = _mm512_dpbf16_ps(hi, xv, w1);              \
-  }
-    GLMV_BF16_ROW(0, c00, c01) GLMV_BF16_ROW(1, c10, c11)
-    GLMV_BF16_ROW(2, c20, c21) GLMV_BF16_ROW(3, c30, c31)
-    GLMV_BF16_ROW(4, c40, c41) GLMV_BF16_ROW(5, c50, c51)
-    GLMV_BF16_ROW(6, c60, c61) GLMV_BF16_ROW(7, c70, c71)
-#undef GLMV_BF16_ROW
-  }
-  acc[0][0] = c00; acc[0][1] = c01; acc[1][0] = c10; acc[1][1] = c11;
-  acc[2][0] = c20; acc[2][1] = c21; acc[3][0] = c30; acc[3][1] = c31;
-  acc[4][0] = c40; acc[4][1] = c41; acc[5][0] = c50; acc[5][1] = c51;
-  acc[6][0] = c60; acc[6][1] = c61; acc[7][0] = c70; acc[7][1] = c71;
-}
-
-template <int MB, int NB>
-void bf16_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
-  __m512 acc[MB][NB];
-  bf16_accumulate<MB, NB>(a, m0, nb0, acc);
-  for (int j = 0; j < NB; ++j) {
-    const int64_t n = (nb0 + j) * kBfLanes;
-    if (n >= a.n) break;
-    const __mmask16 keep = a.n - n >= kBfLanes ? __mmask16(0xffff)
-                                               : __mmask16((1u << (a.n - n)) - 1);
-    const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-    for (int i = 0; i < MB; ++i) {
-      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], bias));
-      _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
-    }
-  }
-}
-constexpr bool kBf16Linear = true;
-#else
-template <int MB, int NB>
-void bf16_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
-  const int64_t pairs = a.kp / kBfPair;
-  for (int j = 0; j < NB; ++j) {
-    const uint16_t* wb = a.w + (nb0 + j) * pairs * 32;
-    for (int64_t lane = 0; lane < kBfLanes; ++lane) {
-      const int64_t n = (nb0 + j) * kBfLanes + lane;
-      if (n >= a.n) break;
-      for (int i = 0; i < MB; ++i) {
-        const uint16_t* xr = a.x + (m0 + i) * a.xs;
-        float dot = 0.f;
-        for (int64_t p = 0; p < pairs; ++p)
-          for (int64_t t = 0; t < kBfPair; ++t)
-            dot += bf2f(xr[p * kBfPair + t]) * bf2f(wb[(p * kBfLanes + lane) * 2 + t]);
-        if (a.bias != nullptr) dot += a.bias[n];
-        a.y[(m0 + i) * a.n + n] = f2bf(dot);
-      }
-    }
-  }
-}
-constexpr bool kBf16Linear = false;
-#endif
-
-template <int NB>
-void bf16_rows(const Bf16Args& a, int64_t m, int64_t nb0) {
-  int64_t i = 0;
-  for (; i + 8 <= m; i += 8) bf16_block<8, NB>(a, i, nb0);
-  for (; i + 4 <= m; i += 4) bf16_block<4, NB>(a, i, nb0);
-  for (; i + 2 <= m; i += 2) bf16_block<2, NB>(a, i, nb0);
-  for (; i < m; ++i) bf16_block<1, NB>(a, i, nb0);
-}
 
 at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
                        const c10::optional<at::Tensor>& bias, int64_t out_features) {
   check_bf16(x, "x");
   check_bf16(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "bf16_linear: x must be [M, K], rows contiguous");
-  TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(2) == kBfLanes && w.size(3) == kBfPair,
+  TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(2) == kLaneChannels && w.size(3) == kBf16Group,
               "bf16_linear: w must be contiguous bf16 blocks [Np/16, Kp/2, 16, 2]");
-  const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kBfPair;
-  const int64_t n = out_features, np = nblocks * kBfLanes;
-  TORCH_CHECK(kp >= k && kp - k < kBfPair, "bf16_linear: w's blocks must cover K = ", k);
-  TORCH_CHECK(np >= n && np - n < kBfLanes, "bf16_linear: w's blocks must cover N = ", n);
+  const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kBf16Group;
+  const int64_t n = out_features, np = nblocks * kLaneChannels;
+  TORCH_CHECK(kp >= k && kp - k < kBf16Group, "bf16_linear: w's blocks must cover K = ", k);
+  TORCH_CHECK(np >= n && np - n < kLaneChannels, "bf16_linear: w's blocks must cover N = ", n);
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == np && bias->is_contiguous(),
                 "bf16_linear: bias must be a contiguous float32 [Np] vector");
@@ -794,16 +763,7 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
   });
   const Bf16Args a{dst, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
                    mbits(y), kp, n, xs};
-  const int64_t pairs = (nblocks + 1) / 2;
-  at::parallel_for(0, pairs, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      if (2 * p + 1 < nblocks) {
-        bf16_rows<2>(a, m, 2 * p);
-      } else {
-        bf16_rows<1>(a, m, 2 * p);
-      }
-    }
-  });
+  lane_product(a, m, nblocks);
   return y;
 }
 
