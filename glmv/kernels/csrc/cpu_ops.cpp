@@ -1,5 +1,5 @@
-// glmv's fused CPU operators for the bf16 decoder, and the int8 product of --quantization int8
-// (registered as torch.ops.glmv.*).
+// glmv's fused CPU operators for the bf16 decoder, and the linear products of bf16 layers and of
+// --quantization int8 (registered as torch.ops.glmv.*).
 //
 // Each replaces a chain of small PyTorch calls whose per-call overhead dominates a decode step
 // on a few cores. Rounding follows the PyTorch code they replace (glmv/layers/*.py): values are
@@ -10,8 +10,8 @@
 // rounds its probabilities to bf16.
 //
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
-// vectorises them for the machine it runs on; the int8 product (AVX512-VNNI) and both
-// attentions (AVX512-BF16) use intrinsics, each with a plain fallback. Threads come from
+// vectorises them for the machine it runs on; the linear products (AVX512-VNNI, AVX512-BF16)
+// and both attentions (AVX512-BF16) use intrinsics, each with a plain fallback. Threads come from
 // ATen's pool (at::parallel_for).
 
 #include <ATen/ATen.h>
@@ -609,7 +609,8 @@ void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
         const uint8_t* xr = a.x + (m0 + i) * a.xs;
         for (int64_t q = 0; q < quads; ++q)
           for (int64_t t = 0; t < kInt8Group; ++t)
-            dot += int32_t(xr[q * kInt8Group + t]) * int32_t(wb[(q * kLaneChannels + lane) * 4 + t]);
+            dot += int32_t(xr[q * kInt8Group + t]) *
+                   int32_t(wb[(q * kLaneChannels + lane) * kInt8Group + t]);
         float v = float(dot - 128 * a.wsum[n]) * a.sx[m0 + i] * a.sw[n];
         if (a.bias != nullptr) v += a.bias[n];
         a.y[(m0 + i) * a.n + n] = f2bf(v);
@@ -620,7 +621,8 @@ void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
 constexpr bool kVnniKernel = false;
 #endif
 
-// -- bf16: y = bf16(x W^T + b), fp32 sums, the bias added in fp32. Blocks [Np / 16][Kp / 2][16][2].
+// -- bf16: y = bf16(x W^T + b), fp32 sums, the bias added in fp32.
+// Blocks [Np / 16][Kp / 2][16][2].
 
 constexpr int64_t kBf16Group = 2;
 
@@ -739,7 +741,8 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
   check_bf16(x, "x");
   check_bf16(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "bf16_linear: x must be [M, K], rows contiguous");
-  TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(2) == kLaneChannels && w.size(3) == kBf16Group,
+  TORCH_CHECK(w.dim() == 4 && w.is_contiguous() && w.size(2) == kLaneChannels &&
+                  w.size(3) == kBf16Group,
               "bf16_linear: w must be contiguous bf16 blocks [Np/16, Kp/2, 16, 2]");
   const int64_t m = x.size(0), k = x.size(1), nblocks = w.size(0), kp = w.size(1) * kBf16Group;
   const int64_t n = out_features, np = nblocks * kLaneChannels;
