@@ -225,9 +225,9 @@ def gemv_bandwidth_gbps(layout: str, num_bytes: int = 1 << 30, repeats: int = 5)
 
 def gemv_bandwidths() -> dict[str, float]:
     """`gemv_bandwidth_gbps` of every layout this machine runs, rounded, by name."""
-    from glmv.layers.linear import _onednn_packing, bf16_blocks_native
+    from glmv.layers.linear import bf16_blocks_native, onednn_packing
 
-    layouts = ["plain"] + ["onednn"] * _onednn_packing() + ["glmv"] * bf16_blocks_native()
+    layouts = ["plain"] + ["onednn"] * onednn_packing() + ["glmv"] * bf16_blocks_native()
     return {f"gemv_{layout}_bfloat16": round(gemv_bandwidth_gbps(layout), 1)
             for layout in layouts}
 

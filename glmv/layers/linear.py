@@ -115,8 +115,36 @@ class PackedWeight(Protocol):
         ...
 
 
-#: Output channels and inputs per line of glmv's bf16 blocks (one 64-byte line each).
-BF16_LANES, BF16_PAIR = 16, 2
+#: Output channels per lane block of glmv's CPU products (int8 and bf16): one 64-byte line
+#: holds 16 channels x the inputs of one 32-bit lane.
+LANES = 16
+#: Inputs per 32-bit lane in glmv's bf16 blocks.
+BF16_PAIR = 2
+
+
+def lane_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
+    """A weight [N, K] in the lane blocks of glmv's CPU products: [Np / 16, Kp / group, 16,
+    group] with w[16 b + l, group p + t] at [b, p, l, t], N and K padded with zeros."""
+    n, k = weight.shape
+    np_, kp = -(-n // LANES) * LANES, -(-k // group) * group
+    padded = weight
+    if (np_, kp) != (n, k):  # (no transient copy of a large weight that needs no padding)
+        padded = weight.new_zeros(np_, kp)
+        padded[:n, :k] = weight
+    return padded.view(np_ // LANES, LANES, kp // group, group).transpose(1, 2).contiguous()
+
+
+def lane_rows(blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    """`lane_blocks` undone: the weight as rows again, [N, K]."""
+    rows = blocks.transpose(1, 2).reshape(blocks.shape[0] * LANES, -1)
+    return rows[:out_features, :in_features]
+
+
+def pad_channels(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
+    """A per-channel vector padded to `size` (the blocks' Np) with `fill`."""
+    out = values.new_full((size,), fill)
+    out[:values.numel()] = values
+    return out
 
 
 @dataclass(frozen=True)
@@ -129,31 +157,21 @@ class Bf16Blocks:
     (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's.
     """
 
-    blocks: torch.Tensor  # bf16 [Np / 16, Kp / 2, 16, 2]: w[16 b + l, 2 p + t] at [b, p, l, t]
+    blocks: torch.Tensor  # bf16 lane blocks [Np / 16, Kp / 2, 16, 2] (lane_blocks)
     bias: torch.Tensor | None  # float32 [Np]
     in_features: int  # K
     out_features: int  # N
 
     @classmethod
     def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Blocks:
-        n, k = weight.shape
-        np_, kp = -(-n // BF16_LANES) * BF16_LANES, -(-k // BF16_PAIR) * BF16_PAIR
-        padded = weight.detach()
-        if (np_, kp) != (n, k):  # (no transient copy of a large weight that needs no padding)
-            padded = padded.new_zeros(np_, kp)
-            padded[:n, :k] = weight.detach()
-        blocks = padded.view(np_ // BF16_LANES, BF16_LANES, kp // BF16_PAIR,
-                             BF16_PAIR).transpose(1, 2).contiguous()
-        fbias = None
-        if bias is not None:
-            fbias = bias.detach().float().new_zeros(np_)
-            fbias[:n] = bias.detach().float()
-        return cls(blocks, fbias, k, n)
+        blocks = lane_blocks(weight.detach(), BF16_PAIR)
+        np_ = blocks.shape[0] * LANES
+        fbias = None if bias is None else pad_channels(bias.detach().float(), np_, 0.0)
+        return cls(blocks, fbias, weight.shape[1], weight.shape[0])
 
     def rows(self) -> torch.Tensor:
         """The weight as rows again, [N, K]."""
-        rows = self.blocks.transpose(1, 2).reshape(self.blocks.shape[0] * BF16_LANES, -1)
-        return rows[:self.out_features, :self.in_features]
+        return lane_rows(self.blocks, self.out_features, self.in_features)
 
     def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -161,7 +179,7 @@ class Bf16Blocks:
         ops = get_ops()
         if ops is not None:
             y = ops.bf16_linear(rows, self.blocks, bias, self.out_features)
-        else:  # the kernels were switched off after packing: the same product in PyTorch
+        else:  # no glmv kernels in this process (blocks made by hand): the same product
             y = F.linear(rows, self.rows(), None if bias is None
                          else bias[:self.out_features].to(rows.dtype))
         return y.view(*x.shape[:-1], self.out_features)
@@ -197,7 +215,7 @@ def can_pack(weight: torch.Tensor) -> bool:
     """bf16 weights on a CPU with glmv's AVX512-BF16 product, or a torch build with oneDNN's
     packed linear kernels."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
-            and (bf16_blocks_native() or _onednn_packing()))
+            and (bf16_blocks_native() or onednn_packing()))
 
 
 def bf16_blocks_native() -> bool:
@@ -206,7 +224,8 @@ def bf16_blocks_native() -> bool:
     return ops is not None and bool(ops.bf16_linear_native())
 
 
-def _onednn_packing() -> bool:
+def onednn_packing() -> bool:
+    """Whether this torch build has oneDNN's packed linear kernels."""
     return (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 

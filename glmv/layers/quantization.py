@@ -23,9 +23,10 @@ from torch import nn
 
 from glmv.errors import ConfigError
 from glmv.kernels import get_ops
+from glmv.layers.linear import LANES, Linear, lane_blocks, lane_rows, pad_channels
 
-#: VNNI blocks of the kernel's weights: 16 output channels x 4 inputs per 512-bit register.
-LANES, QUAD = 16, 4
+#: Inputs per 32-bit lane in the int8 kernel's lane blocks (16 channels x 4 inputs per line).
+QUAD = 4
 QUANTIZATION_METHODS = ("int8",)
 
 
@@ -46,18 +47,15 @@ class Int8Weight:
         n, k = w.shape
         scale = w.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
         q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
-        np_, kp = -(-n // LANES) * LANES, -(-k // QUAD) * QUAD
-        padded = q.new_zeros(np_, kp)
-        padded[:n, :k] = q
-        blocks = padded.view(np_ // LANES, LANES, kp // QUAD, QUAD).transpose(1, 2).contiguous()
-        return cls(blocks, _pad(scale, np_, 1.0), padded.sum(dim=1, dtype=torch.int32),
-                   None if bias is None else _pad(bias.detach().float(), np_, 0.0), k, n)
+        blocks = lane_blocks(q, QUAD)
+        np_ = blocks.shape[0] * LANES
+        return cls(blocks, pad_channels(scale, np_, 1.0),
+                   pad_channels(q.sum(dim=1, dtype=torch.int32), np_, 0),
+                   None if bias is None else pad_channels(bias.detach().float(), np_, 0.0), k, n)
 
     def rows(self) -> torch.Tensor:
         """The int8 weight as rows again, [N, K]."""
-        np_ = self.blocks.shape[0] * LANES
-        rows = self.blocks.transpose(1, 2).reshape(np_, -1)
-        return rows[:self.out_features, :self.in_features]
+        return lane_rows(self.blocks, self.out_features, self.in_features)
 
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 rows stand for, float32 [N, K]."""
@@ -91,12 +89,6 @@ class Int8Weight:
         return y.to(rows.dtype)
 
 
-def _pad(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
-    out = values.new_full((size,), fill)
-    out[:values.numel()] = values
-    return out
-
-
 def check_quantization(method: str | None, dtype: torch.dtype, device: torch.device) -> None:
     """Refuse combinations the int8 path does not run (before any weight is touched)."""
     if method is None:
@@ -113,8 +105,6 @@ def check_quantization(method: str | None, dtype: torch.dtype, device: torch.dev
 def quantize_linear_layers(module: nn.Module) -> int:
     """Give every `Linear` under `module` int8 weights and release its float weight; returns
     the number of layers quantized."""
-    from glmv.layers.linear import Linear  # linear.py refers to Int8Weight: import here
-
     count = 0
     for layer in module.modules():
         if isinstance(layer, Linear) and layer.packed is None:

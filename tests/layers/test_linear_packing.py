@@ -38,7 +38,7 @@ def test_packed_layers_match_f_linear_and_release_weights(layout: str,
                                                           monkeypatch: pytest.MonkeyPatch
                                                           ) -> None:
     if layout == "onednn":
-        if not linear._onednn_packing():
+        if not linear.onednn_packing():
             pytest.skip("this torch build has no oneDNN packed linear kernels")
         monkeypatch.setattr(linear, "bf16_blocks_native", lambda: False)
     torch.manual_seed(0)
