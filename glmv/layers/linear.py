@@ -19,6 +19,7 @@ from glmv.checkpoint import LazyTensor, LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.errors import ConfigError
 from glmv.kernels import get_ops
+from glmv.kernels.memory import huge_page_copy
 
 
 class ShapeMismatch(ValueError):
@@ -114,6 +115,11 @@ class PackedWeight(Protocol):
         layer adds it once, after its all-reduce)."""
         ...
 
+    def kernel_args(self) -> list[torch.Tensor | None] | None:
+        """The tensors glmv's fused kernels take for this weight (`decode_layer`'s products:
+        [blocks, bias] or [blocks, bias, scale, row_sum]); None where they cannot use it."""
+        ...
+
 
 #: Output channels per lane block of glmv's CPU products (int8 and bf16): one 64-byte line
 #: holds 16 channels x the inputs of one 32-bit lane.
@@ -131,7 +137,8 @@ def lane_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
     if (np_, kp) != (n, k):  # (no transient copy of a large weight that needs no padding)
         padded = weight.new_zeros(np_, kp)
         padded[:n, :k] = weight
-    return padded.view(np_ // LANES, LANES, kp // group, group).transpose(1, 2).contiguous()
+    # In 2 MiB pages: every decode step streams these blocks whole (glmv.kernels.memory).
+    return huge_page_copy(padded.view(np_ // LANES, LANES, kp // group, group).transpose(1, 2))
 
 
 def lane_rows(blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
@@ -173,6 +180,9 @@ class Bf16Blocks:
         """The weight as rows again, [N, K]."""
         return lane_rows(self.blocks, self.out_features, self.in_features)
 
+    def kernel_args(self) -> list[torch.Tensor | None]:
+        return [self.blocks, self.bias]
+
     def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         bias = self.bias if with_bias else None
@@ -209,6 +219,9 @@ class OneDnnWeight:
                                                self.bias if with_bias else None, "none", [],
                                                "")
         return y.view(*x.shape[:-1], self.out_features)
+
+    def kernel_args(self) -> None:
+        return None  # an opaque oneDNN tensor: only oneDNN multiplies it
 
 
 def can_pack(weight: torch.Tensor) -> bool:

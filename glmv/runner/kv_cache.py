@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from glmv.config import TextConfig
+from glmv.kernels.memory import huge_page_empty
 
 
 @dataclass(frozen=True)
@@ -40,5 +41,8 @@ def allocate_kv_cache(spec: KVCacheSpec, device: torch.device | str) -> list[tor
     """One [2, num_blocks, block_size, num_kv_heads, head_dim] tensor per layer."""
     shape = (2, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     # Zeroed: batched decode attention reads whole blocks under a mask, and a never-written
-    # slot holding NaN would poison it (0 x NaN = NaN in the weighted sum).
+    # slot holding NaN would poison it (0 x NaN = NaN in the weighted sum). On the CPU in
+    # 2 MiB pages: a step reads every live block of every layer, scattered over the cache.
+    if torch.device(device).type == "cpu":
+        return [huge_page_empty(shape, spec.dtype).zero_() for _ in range(spec.num_layers)]
     return [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
