@@ -20,6 +20,7 @@ class Attention(nn.Module):
         super().__init__()
         self.scale = scale
         self.kv_cache: torch.Tensor | None = None
+        self.backend = backend
         self._backend: AttentionFn = get_backend(backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

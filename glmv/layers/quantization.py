@@ -57,6 +57,9 @@ class Int8Weight:
         """The int8 weight as rows again, [N, K]."""
         return lane_rows(self.blocks, self.out_features, self.in_features)
 
+    def kernel_args(self) -> list[torch.Tensor | None]:
+        return [self.blocks, self.bias, self.scale, self.row_sum]
+
     def dequantized(self) -> torch.Tensor:
         """The weight these int8 rows stand for, float32 [N, K]."""
         return self.rows().float() * self.scale[:self.out_features, None]

@@ -21,9 +21,10 @@ from torch import nn
 
 from glmv.attention.metadata import AttentionMetadata
 from glmv.config import ModelConfig, TextConfig
+from glmv.kernels import cpu_ops
 from glmv.layers.attention import Attention
 from glmv.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from glmv.layers.linear import QKVParallelLinear, RowParallelLinear
+from glmv.layers.linear import PackedWeight, QKVParallelLinear, RowParallelLinear
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm, add_rms_norm, norm_add
 from glmv.layers.rotary import MRotaryEmbedding
@@ -98,14 +99,73 @@ class Glm4vTextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, prepacked=True)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
+        # decode_layer's arguments, made once for the packed weights they were made from
+        self._kernel_key: tuple[PackedWeight | None, ...] | None = None
+        self._kernel_cached: tuple[list[torch.Tensor], list[list[torch.Tensor | None]],
+                                   list[int], list[int]] | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
+        fused = self._decode_kernel(x, rope, rotary, meta)
+        if fused is not None:
+            return fused
         attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
         # h = x + post_self_attn_norm(attn); the MLP reads post_attention_norm(h)
         h, normed = add_rms_norm(attn, x, self.post_self_attn_layernorm,
                                  self.post_attention_layernorm)
         return norm_add(self.mlp(normed), h, self.post_mlp_layernorm)
+
+    def _decode_kernel(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
+                       meta: AttentionMetadata) -> torch.Tensor | None:
+        """The layer as one `torch.ops.glmv.decode_layer` call (the same kernels in the same
+        order as forward, so the same bits, without the Python between them) when the step
+        only decodes, on a bf16 CPU with glmv's packed weights and one device; else None."""
+        ops = cpu_ops(x)
+        if ops is None:
+            return None
+        batch = meta.decode_batch()
+        attn = self.self_attn.attn
+        cache = attn.kv_cache
+        if (batch is None or len(batch.seqs) != x.shape[0] or cache is None
+                or cache.dtype is not x.dtype or rope[0].dtype is not x.dtype
+                or meta.block_tables is None or meta.slot_mapping is None):
+            return None
+        args = self._kernel_args()
+        if args is None:
+            return None
+        norms, products, widths, heads = args
+        return ops.decode_layer(x, norms, *products, widths, *rope, rotary.interleaved, heads,
+                                cache, meta.slot_mapping, meta.block_tables, batch.seq_idx,
+                                batch.token_idx, batch.seq_lens, attn.scale,
+                                self.input_layernorm.eps)
+
+    def _kernel_args(self) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]],
+                                    list[int], list[int]] | None:
+        """decode_layer's weights (norms, products, widths, heads), or None where the layer
+        does not fit it: a product without glmv's blocks, tensor parallelism (the row-parallel
+        products all-reduce), norms of other dtypes or epsilons, another attention backend."""
+        attention, mlp = self.self_attn, self.mlp
+        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
+        key = tuple(linear.packed for linear in linears)
+        if self._kernel_key is not None and all(
+                a is b for a, b in zip(key, self._kernel_key, strict=True)):
+            return self._kernel_cached
+        self._kernel_key, self._kernel_cached = key, None
+        norms = [self.input_layernorm, self.post_self_attn_layernorm,
+                 self.post_attention_layernorm, self.post_mlp_layernorm]
+        found = [None if p is None else p.kernel_args() for p in key]
+        products = [p for p in found if p is not None]
+        if (len(products) != len(key)
+                or attention.o_proj.tp.size > 1 or mlp.down_proj.tp.size > 1
+                or attention.attn.backend != "torch_sdpa"
+                or any(n.eps != norms[0].eps or n.weight.dtype is not torch.bfloat16
+                       for n in norms)):
+            return None
+        self._kernel_cached = (
+            [n.weight for n in norms], products,
+            [linear.packed.out_features for linear in linears],  # type: ignore[union-attr]
+            [attention.num_heads, attention.num_kv_heads, attention.head_dim])
+        return self._kernel_cached
 
 
 class Glm4vTextModel(nn.Module):

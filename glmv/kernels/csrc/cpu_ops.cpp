@@ -1452,6 +1452,60 @@ at::Tensor argmax_rows(const at::Tensor& x) {
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------------
+// One dense GLM-4 decoder layer over decode tokens (one new token per sequence), in one call:
+// the same operators as glmv/models/glm4v.py's layer calls one by one from Python, in the same
+// order on the same values, so the result is bit for bit the same; what goes is the Python and
+// dispatcher time between them (a decode step on two cores spends ~10% of its time there).
+
+// A linear layer's packed weight as glmv.layers passes it: [blocks, bias?] (bf16 blocks) or
+// [blocks, bias?, scale, row_sum] (int8 blocks).
+at::Tensor packed_product(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& p,
+                          int64_t out_features) {
+  TORCH_CHECK(p.size() == 2 || p.size() == 4,
+              "a packed weight is [blocks, bias] or [blocks, bias, scale, row_sum]");
+  const c10::optional<at::Tensor> w = p.get(0), bias = p.get(1);
+  TORCH_CHECK(w.has_value(), "a packed weight needs its blocks");
+  if (p.size() == 2) return bf16_linear(x, *w, bias, out_features);
+  const c10::optional<at::Tensor> w_scale = p.get(2), w_sum = p.get(3);
+  TORCH_CHECK(w_scale.has_value() && w_sum.has_value(), "int8 blocks need scale and row_sum");
+  return int8_linear(x, *w, *w_scale, *w_sum, bias, out_features);
+}
+
+// norms: input, post_self_attn, post_attention, post_mlp weights; products: qkv, o, gate_up,
+// down as packed_product takes them; out_features of each; heads: query heads, KV heads,
+// head_dim. The decode rows of seq_idx/token_idx/seq_lens must cover every token of x.
+at::Tensor decode_layer(const at::Tensor& x, at::TensorList norms,
+                        const c10::List<c10::optional<at::Tensor>>& qkv,
+                        const c10::List<c10::optional<at::Tensor>>& o,
+                        const c10::List<c10::optional<at::Tensor>>& gate_up,
+                        const c10::List<c10::optional<at::Tensor>>& down,
+                        at::IntArrayRef out_features, const at::Tensor& cos, const at::Tensor& sin,
+                        bool interleaved, at::IntArrayRef heads, const at::Tensor& kv_cache,
+                        const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                        const at::Tensor& seq_idx, const at::Tensor& token_idx,
+                        const at::Tensor& seq_lens, double scale, double eps) {
+  TORCH_CHECK(norms.size() == 4 && out_features.size() == 4 && heads.size() == 3,
+              "decode_layer: four norms, four out_features, (heads, kv_heads, head_dim)");
+  const int64_t n = x.size(0), nh = heads[0], nkv = heads[1], d = heads[2];
+  TORCH_CHECK(seq_idx.numel() == n, "decode_layer: every token must be a decode token");
+  TORCH_CHECK(out_features[0] == (nh + 2 * nkv) * d && out_features[1] == x.size(1),
+              "decode_layer: qkv/o widths do not match the heads");
+  const at::Tensor normed = rms_norm(x, norms[0], eps);
+  const at::Tensor mixed = packed_product(normed, qkv, out_features[0]);  // q | k | v
+  rotary_(mixed.narrow(1, 0, (nh + nkv) * d).view({n, nh + nkv, d}), cos, sin, interleaved);
+  const at::Tensor q = mixed.narrow(1, 0, nh * d).view({n, nh, d});
+  write_kv(kv_cache, mixed.narrow(1, nh * d, nkv * d).view({n, nkv, d}),
+           mixed.narrow(1, (nh + nkv) * d, nkv * d).view({n, nkv, d}), slot_mapping);
+  const at::Tensor attn = at::empty({n, nh, d}, x.options());
+  paged_decode_attention(attn, q, kv_cache, block_tables, seq_idx, token_idx, seq_lens, scale);
+  const at::Tensor projected = packed_product(attn.view({n, nh * d}), o, out_features[1]);
+  auto [h, normed_h] = add_rms_norm(projected, x, norms[1], norms[2], eps);
+  const at::Tensor act = silu_and_mul(packed_product(normed_h, gate_up, out_features[2]));
+  return norm_add(packed_product(act, down, out_features[3]), h, norms[3], eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glmv, m) {
@@ -1473,6 +1527,10 @@ TORCH_LIBRARY(glmv, m) {
         " Tensor cu_k, float scale, bool causal) -> ()");
   m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on vdpbf16ps
   m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("decode_layer(Tensor x, Tensor[] norms, Tensor?[] qkv, Tensor?[] o, Tensor?[] gate_up,"
+        " Tensor?[] down, int[] out_features, Tensor cos, Tensor sin, bool interleaved,"
+        " int[] heads, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_tables,"
+        " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmv, CPU, m) {
@@ -1487,4 +1545,5 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("bf16_linear", &bf16_linear);
   m.impl("varlen_attention", &varlen_attention);
   m.impl("argmax_rows", &argmax_rows);
+  m.impl("decode_layer", &decode_layer);
 }

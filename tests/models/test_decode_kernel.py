@@ -1,0 +1,64 @@
+"""A dense decoder layer runs decode steps as one fused kernel call (`decode_layer`), and the
+engine's results are bit for bit those of the layer's operators called one by one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from glmv import kernels
+from glmv.models.glm4v import Glm4vTextDecoderLayer
+from glmv.models.loader import load_model
+from glmv.multimodal.processor import MultiModalProcessor
+from glmv.sampling_params import SamplingParams
+from tests.helpers import make_engine, run_engine
+
+pytestmark = pytest.mark.skipif(
+    kernels.get_ops() is None or not kernels.get_ops().bf16_linear_native(),
+    reason="glmv's CPU kernels with AVX512-BF16 products are not available here")
+
+KERNEL = Glm4vTextDecoderLayer._decode_kernel
+
+
+def _run(processor: Any, model: Any, monkeypatch: pytest.MonkeyPatch, fused: bool
+         ) -> tuple[list[Any], int]:
+    calls = 0
+
+    def counted(self: Any, *args: Any) -> torch.Tensor | None:
+        nonlocal calls
+        out = KERNEL(self, *args) if fused else None
+        calls += out is not None
+        return out
+
+    monkeypatch.setattr(Glm4vTextDecoderLayer, "_decode_kernel", counted)
+    prompts = [processor.process("Hello there, " * n) for n in (1, 3, 7)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+    engine = make_engine(processor, model, kv_cache_memory=0.01)
+    return run_engine(engine, prompts, params), calls
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_fused_decode_layer_equals_the_layer_op_by_op(quantization: str | None,
+                                                      tiny_checkpoint: Any,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    ckpt = tiny_checkpoint("glm-4.6v-flash")
+    processor = MultiModalProcessor.from_pretrained(ckpt)
+    model = load_model(ckpt, dtype=torch.bfloat16, progress=False, quantization=quantization)
+    plain, _ = _run(processor, model, monkeypatch, fused=False)
+    fused, calls = _run(processor, model, monkeypatch, fused=True)
+    # decode steps 2..6 of the three requests, batched together; not the prefill step
+    assert calls == 5 * model.config.text.num_hidden_layers
+    for a, b in zip(plain, fused, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs  # the same bits
+
+
+def test_plain_weights_keep_the_layer_op_by_op(tiny_checkpoint: Any) -> None:
+    """Without glmv's packed weights (a float32 model, or oneDNN's layout) there is no
+    fused call: decode_layer takes only glmv's blocks."""
+    ckpt = tiny_checkpoint("glm-4.6v-flash")
+    model = load_model(ckpt, dtype=torch.float32, progress=False)
+    layer = model.model.language_model.layers[0]
+    assert layer._kernel_args() is None
