@@ -37,6 +37,8 @@ LIBRARY_NAME = "glmv_cpu_ops"
 CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-trapping-math",
           "-ffp-contract=off")
 ENV_SWITCH = "GLMV_CPU_KERNELS"  # "0" turns the kernels off
+AMX_SWITCH = "GLMV_AMX"  # "0" keeps the products and attention off AMX tiles
+NEVER = 1 << 40  # a row count no product reaches (linear_amx_rows)
 
 
 class _State:
@@ -114,6 +116,8 @@ def get_ops() -> Any | None:
         else:
             try:
                 _State.ops = load()
+                if os.environ.get(AMX_SWITCH, "1") == "0":
+                    _State.ops.linear_amx_rows(NEVER, NEVER)
             except Exception as exc:  # any build failure means: fall back
                 _State.error = f"{type(exc).__name__}: {exc}"
                 logger.warning("glmv CPU kernels unavailable, using plain PyTorch (%s)",
@@ -128,7 +132,15 @@ def cpu_ops(x: torch.Tensor) -> Any | None:
     return _State.ops if _State.tried else get_ops()
 
 
+def amx() -> bool:
+    """Whether the products and attention run on AMX tiles (from a few rows up): the CPU has
+    them, the kernels were built for them, and `GLMV_AMX=0` is not set."""
+    ops = get_ops()
+    return ops is not None and bool(ops.linear_amx()) and os.environ.get(AMX_SWITCH, "1") != "0"
+
+
 def status() -> str:
-    """One line for logs and benchmarks: loaded, off, or why not."""
-    get_ops()
-    return "loaded" if _State.ops is not None else f"not used ({_State.error})"
+    """One line for logs and benchmarks: loaded (on AMX or not), off, or why not."""
+    if get_ops() is None:
+        return f"not used ({_State.error})"
+    return "loaded (AMX)" if amx() else "loaded"

@@ -130,9 +130,12 @@ BF16_PAIR = 2
 
 def lane_blocks(weight: torch.Tensor, group: int) -> torch.Tensor:
     """A weight [N, K] in the lane blocks of glmv's CPU products: [Np / 16, Kp / group, 16,
-    group] with w[16 b + l, group p + t] at [b, p, l, t], N and K padded with zeros."""
+    group] with w[16 b + l, group p + t] at [b, p, l, t], N and K padded with zeros.
+
+    Kp is a multiple of 16 groups, so that every block divides into whole AMX tiles (16
+    lines of 64 bytes: a B operand of TDPBF16PS or TDPBUSD as it lies in memory)."""
     n, k = weight.shape
-    np_, kp = -(-n // LANES) * LANES, -(-k // group) * group
+    np_, kp = -(-n // LANES) * LANES, -(-k // (group * LANES)) * group * LANES
     padded = weight
     if (np_, kp) != (n, k):  # (no transient copy of a large weight that needs no padding)
         padded = weight.new_zeros(np_, kp)

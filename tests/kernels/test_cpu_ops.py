@@ -127,7 +127,8 @@ def _segment_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     (4, 128, [1024]), (2, 16, [5, 70, 1]), (3, 48, [130, 64, 3]), (1, 80, [63, 65, 200]),
     (2, 24, [9, 33]),  # head_dim not a multiple of 16: the plain loops
 ])
-def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: list[int]) -> None:
+def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: list[int],
+                                            product_path: str) -> None:
     """Attention within segments only, as close to an fp64 reference as bf16 SDPA per segment
     (fp32 scores and softmax, bf16 probabilities and output), from strided q/k/v views."""
     n = sum(lens)
@@ -148,7 +149,7 @@ def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: lis
     assert err <= sdpa_err * 1.5 + 2e-3, (err, sdpa_err)
 
 
-def test_varlen_attention_keeps_segments_apart() -> None:
+def test_varlen_attention_keeps_segments_apart(product_path: str) -> None:
     """Changing one segment's keys and values leaves every other segment's output as it was."""
     lens = [40, 7, 90]
     qkv = _bf16(137, 3, 2, 32, seed=5)
@@ -181,14 +182,15 @@ def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: lis
     return torch.cat(out)
 
 
-# head_dim 128 and 64: the AVX512-BF16 path where the CPU has it; 24: the plain loops.
+# head_dim 128 and 64: the AVX512-BF16 (or AMX) path where the CPU has it; 24: the plain loops.
 @pytest.mark.parametrize("heads,kv_heads,head_dim,lq,lk", [
     (8, 2, 128, [272, 1, 40], [272, 1, 300]),  # whole prompts, one token, a chunk after 260
     (4, 4, 64, [9, 100], [9, 180]),
     (6, 2, 24, [5, 33], [12, 33]),
 ])
 def test_causal_grouped_varlen_attention_matches_fp64(heads: int, kv_heads: int, head_dim: int,
-                                                      lq: list[int], lk: list[int]) -> None:
+                                                      lq: list[int], lk: list[int],
+                                                      product_path: str) -> None:
     q = _bf16(sum(lq), heads, head_dim, seed=heads, scale=2.0)
     kv = _bf16(sum(lk), 2, kv_heads, head_dim, seed=kv_heads + 1, scale=2.0)
     k, v = kv.unbind(1)
@@ -213,15 +215,15 @@ def test_causal_grouped_varlen_attention_matches_fp64(heads: int, kv_heads: int,
     assert (out.double() - ref).abs().max() <= sdpa_err * 1.5 + 2e-3
 
 
-def test_causal_varlen_attention_is_the_same_in_chunks() -> None:
-    """A prompt's rows come out bit-equal whether it is run whole or as chunks after cached
-    keys (chunked prefill must not change greedy results)."""
+def test_causal_varlen_attention_is_the_same_in_chunks(product_path: str) -> None:
+    """On either kernel, a prompt's rows come out bit-equal whether it is run whole or as
+    chunks after cached keys (a row's result depends on its own keys only)."""
     q = _bf16(150, 8, 128, seed=3, scale=2.0)
     k, v = _bf16(150, 2, 2, 128, seed=4, scale=2.0).unbind(1)
     whole = torch.empty_like(q)
     ops.varlen_attention(whole, q, k, v, torch.tensor([0, 150]), torch.tensor([0, 150]),
                          0.088, True)
-    for start, end in [(0, 37), (37, 100), (100, 150)]:
+    for start, end in [(0, 37), (37, 100), (100, 103), (103, 150)]:
         part = torch.empty_like(q[start:end])
         ops.varlen_attention(part, q[start:end], k[:end], v[:end], torch.tensor([0, end - start]),
                              torch.tensor([0, end]), 0.088, True)
@@ -328,6 +330,18 @@ def test_switch_off_falls_back_to_pytorch() -> None:
     assert out == [f"not used ({kernels.ENV_SWITCH}=0)", "None"]
 
 
+def test_amx_switch_keeps_every_product_off_amx() -> None:
+    import subprocess
+    import sys
+
+    code = ("from glmv import kernels; ops = kernels.get_ops(); print(kernels.amx()); "
+            "print(list(ops.linear_amx_rows(8, 16)))")
+    env = {**__import__("os").environ, kernels.AMX_SWITCH: "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["False", str([kernels.NEVER, kernels.NEVER])]
+
+
 def test_build_failure_is_logged_and_falls_back(monkeypatch: pytest.MonkeyPatch,
                                                 caplog: pytest.LogCaptureFixture) -> None:
     def broken() -> None:
@@ -386,9 +400,9 @@ def _within_bf16_rounding(y: torch.Tensor, ref: torch.Tensor, magnitude: torch.T
     assert bool((err <= bound).all()), float((err - bound).max())
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 17, 33, 300])
 @pytest.mark.parametrize("n,k", [(16, 2), (37, 19), (48, 64), (100, 1024)])
-def test_bf16_linear_matches_fp64(m: int, n: int, k: int) -> None:
+def test_bf16_linear_matches_fp64(m: int, n: int, k: int, product_path: str) -> None:
     x, w = _bf16(m, k, seed=m), _bf16(n, k, seed=n + k)
     bias = torch.randn(n, generator=torch.Generator().manual_seed(3))
     padded = torch.zeros(-(-n // 16) * 16)
@@ -402,7 +416,7 @@ def test_bf16_linear_matches_fp64(m: int, n: int, k: int) -> None:
                           magnitude + bias.double().abs())
 
 
-def test_bf16_linear_takes_strided_rows_and_no_rows() -> None:
+def test_bf16_linear_takes_strided_rows_and_no_rows(product_path: str) -> None:
     big, w = _bf16(6, 80, seed=1), _bf16(33, 64, seed=2)
     x = big[:, 8:72]  # rows 80 apart
     y = ops.bf16_linear(x, _bf16_blocks(w), None, 33)

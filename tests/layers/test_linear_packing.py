@@ -71,8 +71,9 @@ def test_bf16_blocks_keep_the_weight_and_pad_to_whole_blocks() -> None:
     w = torch.randn(37, 19).bfloat16()
     b = torch.randn(37).bfloat16()
     packed = Bf16Blocks.pack(w, b)
-    assert packed.blocks.shape == (3, 10, 16, 2)
+    assert packed.blocks.shape == (3, 16, 16, 2)  # K 19 -> 32 inputs: one whole AMX tile
     assert torch.equal(packed.rows(), w)
+    assert not packed.blocks.transpose(1, 2).reshape(48, 32)[:, 19:].any()
     assert packed.bias is not None and packed.bias.dtype == torch.float32
     assert packed.bias.shape == (48,) and torch.equal(packed.bias[:37], b.float())
     x = torch.randn(4, 19).bfloat16()

@@ -31,11 +31,11 @@ def _layer(out_features: int, in_features: int, bias: bool, seed: int) -> Int8We
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 16, 19, 70])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 16, 19, 70, 300])
 @pytest.mark.parametrize("out_features, in_features, bias", [
     (32, 64, False), (96, 100, True), (17, 3, True), (130, 302, False), (64, 4096, True)])
 def test_kernel_computes_the_reference(rows: int, out_features: int, in_features: int,
-                                       bias: bool) -> None:
+                                       bias: bool, product_path: str) -> None:
     layer = _layer(out_features, in_features, bias, seed=rows)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
     got = layer.apply(x)
@@ -44,6 +44,25 @@ def test_kernel_computes_the_reference(rows: int, out_features: int, in_features
     # The same integers, scales and order of rounding up to float32 vs float64 before the last
     # rounding to bf16: at most one bf16 step apart.
     torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-6)
+
+
+@needs_kernels
+def test_amx_and_vnni_products_are_bit_equal() -> None:
+    """The integer sums are exact and both epilogues round alike: the kernel a batch takes
+    (by its row count) does not change a single bit."""
+    ops = get_ops()
+    if not ops.linear_amx():
+        pytest.skip("this CPU (or this build of the kernels) has no AMX tiles")
+    layer = _layer(200, 1000, True, seed=5)
+    x = torch.randn(70, 1000, generator=torch.Generator().manual_seed(2)).bfloat16()
+    never = 1 << 40
+    previous = ops.linear_amx_rows(never, never)
+    try:
+        lanes = layer.apply(x)
+        ops.linear_amx_rows(never, 1)
+        assert torch.equal(layer.apply(x), lanes)
+    finally:
+        ops.linear_amx_rows(*previous)
 
 
 @needs_kernels
@@ -60,7 +79,7 @@ def test_row_parallel_bias_is_left_out_on_request() -> None:
 def test_weights_round_trip_and_pad() -> None:
     weight = torch.randn(21, 10, generator=torch.Generator().manual_seed(0))
     layer = Int8Weight.quantize(weight.bfloat16(), None)
-    assert layer.blocks.shape == (2, 3, 16, 4)  # N 21 -> 32 channels, K 10 -> 12 inputs
+    assert layer.blocks.shape == (2, 16, 16, 4)  # N 21 -> 32 channels, K 10 -> 64 inputs
     assert layer.rows().shape == (21, 10)
     scale = weight.bfloat16().float().abs().amax(dim=1) / 127
     assert torch.all((layer.dequantized() - weight.bfloat16().float()).abs()
