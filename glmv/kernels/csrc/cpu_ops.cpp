@@ -772,6 +772,8 @@ void load_tile_config(int64_t rows = kTileRows) {
   _tile_loadconfig(&cfg);
 }
 
+constexpr int64_t kAmxPrefetchSteps = 4;
+
 // acc tiles += x rows [m0, m0 + 16 MT) . channel blocks [nb0, nb0 + NT), over all of Kp.
 // B: bytes per tile of one block (16 lines), X: bytes per x element.
 template <bool Int8, int MT, int NT>
@@ -784,6 +786,14 @@ void amx_tiles(const uint8_t* x, int64_t xs_bytes, const uint8_t* w, int64_t blo
   const uint8_t* x1 = x + kTileRows * xs_bytes;
   const uint8_t* w1 = w + block_bytes;
   for (int64_t s = 0; s < steps; ++s) {
+    // The weights stream from memory (decode batches: once per step); tile loads alone
+    // wait for each line, so the lines a few steps ahead are requested now.
+    const uint8_t* ahead = w + (s + kAmxPrefetchSteps) * 1024;
+    for (int l = 0; l < 16; ++l) {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + l * 64), _MM_HINT_T0);
+      if (NT > 1)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + block_bytes + l * 64), _MM_HINT_T0);
+    }
     _tile_loadd(4, x + s * 64, xs_bytes);
     _tile_loadd(6, w + s * 1024, 64);
     if (NT > 1) _tile_loadd(7, w1 + s * 1024, 64);
@@ -1373,8 +1383,18 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
   const int64_t pairs = d / 2, lp = (len + 15) / 16 * 16;
   w.kp.resize(pairs * 32);
   w.s.resize(group * lp);
+  // The rows are scattered over the cache's blocks, where the hardware prefetchers lose
+  // them: while one group of 16 keys is scored, the next group's keys are requested, and
+  // this group's values (into L2, for the weighted sum after the softmax).
+  const int64_t row_lines = d * 2 / 64;
   for (int64_t t0 = 0; t0 < len; t0 += 16) {
     const int64_t n = std::min<int64_t>(16, len - t0);
+    for (int64_t t = t0 + 16; t < std::min(len, t0 + 32); ++t)
+      for (int64_t l = 0; l < row_lines; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(w.krows[t]) + 64 * l, _MM_HINT_T0);
+    for (int64_t t = t0; t < t0 + n; ++t)
+      for (int64_t l = 0; l < row_lines; ++l)
+        _mm_prefetch(reinterpret_cast<const char*>(w.vrows[t]) + 64 * l, _MM_HINT_T1);
     for (int64_t c = 0; c < pairs / 16; ++c) {  // 16 keys x 16 pairs, transposed
       __m512i r[16];
       for (int64_t l = 0; l < 16; ++l)
