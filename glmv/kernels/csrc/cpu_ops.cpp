@@ -77,6 +77,33 @@ inline float exp_approx(float x) {
   return x < kLo ? 0.0f : y;
 }
 
+#if defined(__AVX512F__)
+// exp_approx on 16 lanes (2^n by scalef, which also gives the denormal results)
+inline __m512 exp512(__m512 x) {
+  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.972084045410f)),
+                                  _mm512_set1_ps(88.72283935546875f));
+  const __m512 n = _mm512_roundscale_ps(
+      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// 16 bf16 values widened to fp32
+inline __m512 load_bf16x16(const uint16_t* x) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+}
+#endif
+
 const uint16_t* bits(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
@@ -260,7 +287,21 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const uint16_t* g = xp + r * xs;
       const uint16_t* u = g + width;
       uint16_t* o = op + r * width;
-      for (int64_t i = c0; i < c1; ++i) {
+      int64_t i = c0;
+#if defined(__AVX512BF16__)
+      // the same steps 16 at a time (exp512: exp_approx's polynomial with fused multiply-adds)
+      for (; i + 16 <= c1; i += 16) {
+        const __m512 gv = load_bf16x16(g + i);
+        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+        const __m256bh sb = _mm512_cvtneps_pbh(
+            _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+        const __m512 sv = _mm512_castsi512_ps(
+            _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)sb), 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
+                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, load_bf16x16(u + i))));
+      }
+#endif
+      for (; i < c1; ++i) {
         float gv = bf2f(g[i]);
         float s = round_bf(gv / (1.0f + exp_approx(-gv)));
         o[i] = f2bf(s * bf2f(u[i]));
@@ -1106,25 +1147,6 @@ void softmax_rows(float* s, uint16_t* p, float* inv, int64_t rows, int64_t len, 
 }
 
 #if defined(__AVX512BF16__)
-// exp_approx on 16 lanes (2^n by scalef, which also gives the denormal results)
-inline __m512 exp512(__m512 x) {
-  const __m512 xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.972084045410f)),
-                                  _mm512_set1_ps(88.72283935546875f));
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-      _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
 // exp(s[n] - max) of one row on 16 lanes, handed to store(n, e) for n in [0, lp) in steps of
 // 16 (zeros past len); returns the sum over [0, len). lp a multiple of 16.
 template <typename Store>
@@ -1295,10 +1317,6 @@ constexpr bool kAmxAttention = false;
 // and value rows of this KV head; q: the group's query rows (stride qhs). Scores on vdpbf16ps
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
 // the weighted sum of the values in fp32; one rounding to bf16 at the end.
-inline __m512 load_bf16x16(const uint16_t* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
-}
 
 template <int GW>
 void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
