@@ -103,6 +103,12 @@ class _Stream:
         return True
 
 
+def _put_all(items: list[tuple[_Stream, RequestOutput]]) -> None:
+    """On the consumers' event loop: one step's outputs into their streams."""
+    for stream, output in items:
+        stream.queue.put_nowait(output)
+
+
 @dataclass
 class _Add:
     request_id: str
@@ -391,14 +397,23 @@ class AsyncEngine:
         # Stats first: a client that reads /metrics right after its last output must see the
         # state after this step (its request no longer running), not the one before it.
         self._publish_stats()
+        # One wake-up of each event loop per step for all of its streams (not one per
+        # request): the loop's thread shares the cores with the next step's kernels.
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is None:
                 continue
             if output.finished:
                 del self._streams[output.request_id]
-            if not stream.put(output) and not output.finished:
-                self._abort(output.request_id)  # publishes the stats again
+            batches.setdefault(stream.loop, []).append((stream, output))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop was closed: its consumers cannot read any more
+                for _, output in items:
+                    if not output.finished:
+                        self._abort(output.request_id)  # publishes the stats again
 
     def _fail_all(self, error: BaseException) -> None:
         streams, self._streams = self._streams, {}
