@@ -164,7 +164,8 @@ class Bf16Blocks:
     For every 16 output channels the weight runs along the inputs a pair at a time, so a
     thread's share of the channels is one sequential stream: at decode sizes (one to a few
     rows) it reads the weights at the speed of a plain sum, faster than oneDNN's packed layout
-    (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's.
+    (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's on AVX512-BF16;
+    on CPUs with AMX, batches of 8 rows or more run on tiles read from the same blocks.
     """
 
     blocks: torch.Tensor  # bf16 lane blocks [Np / 16, Kp / 2, 16, 2] (lane_blocks)

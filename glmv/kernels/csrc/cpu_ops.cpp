@@ -10,9 +10,9 @@
 // rounds its probabilities to bf16.
 //
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
-// vectorises them for the machine it runs on; the linear products (AVX512-VNNI, AVX512-BF16)
-// and both attentions (AVX512-BF16) use intrinsics, each with a plain fallback. Threads come from
-// ATen's pool (at::parallel_for).
+// vectorises them for the machine it runs on; the linear products (AVX512-VNNI, AVX512-BF16,
+// and AMX tiles from a few rows up) and both attentions (AVX512-BF16; AMX for segments) use
+// intrinsics, each with a plain fallback. Threads come from ATen's pool (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
