@@ -107,14 +107,13 @@ def _loaded_once(load: Callable[[str], Any]) -> Callable[[str], Any]:
 def product_path(request: pytest.FixtureRequest) -> Any:
     """glmv's two CPU product kernels (bf16 and int8), each forced for every row count: the
     lane-block stream (AVX512, or plain loops) and AMX tiles (where the CPU has them)."""
-    from glmv.kernels import get_ops
+    from glmv.kernels import NEVER, get_ops
 
     ops = get_ops()
     if ops is None:
         pytest.skip("glmv's CPU kernels did not build")
     if request.param == "amx" and not ops.linear_amx():
         pytest.skip("this CPU (or this build of the kernels) has no AMX tiles")
-    never = 1 << 40
-    previous = ops.linear_amx_rows(*((1, 1) if request.param == "amx" else (never, never)))
+    previous = ops.linear_amx_rows(*((1, 1) if request.param == "amx" else (NEVER, NEVER)))
     yield request.param
     ops.linear_amx_rows(*previous)

@@ -318,28 +318,29 @@ def test_paged_decode_attention_rejects_bad_blocks() -> None:
                                    torch.tensor([5, 9]), 0.125)
 
 
-def test_switch_off_falls_back_to_pytorch() -> None:
+def _lines_with_switch(code: str, switch: str) -> list[str]:
+    """What `code` prints in a fresh interpreter with the environment switch `switch` at 0."""
+    import os
     import subprocess
     import sys
 
+    env = {**os.environ, switch: "0"}
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.splitlines()
+
+
+def test_switch_off_falls_back_to_pytorch() -> None:
     code = ("import torch; from glmv import kernels; "
             "print(kernels.status()); print(kernels.cpu_ops(torch.ones(2, dtype=torch.bfloat16)))")
-    env = {**__import__("os").environ, kernels.ENV_SWITCH: "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out == [f"not used ({kernels.ENV_SWITCH}=0)", "None"]
+    assert _lines_with_switch(code, kernels.ENV_SWITCH) == [
+        f"not used ({kernels.ENV_SWITCH}=0)", "None"]
 
 
 def test_amx_switch_keeps_every_product_off_amx() -> None:
-    import subprocess
-    import sys
-
     code = ("from glmv import kernels; ops = kernels.get_ops(); print(kernels.amx()); "
             "print(list(ops.linear_amx_rows(8, 16)))")
-    env = {**__import__("os").environ, kernels.AMX_SWITCH: "0"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.splitlines()
-    assert out == ["False", str([kernels.NEVER, kernels.NEVER])]
+    assert _lines_with_switch(code, kernels.AMX_SWITCH) == [
+        "False", str([kernels.NEVER, kernels.NEVER])]
 
 
 def test_build_failure_is_logged_and_falls_back(monkeypatch: pytest.MonkeyPatch,

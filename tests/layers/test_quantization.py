@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from glmv.errors import ConfigError
-from glmv.kernels import get_ops
+from glmv.kernels import NEVER, get_ops
 from glmv.layers import quantization
 from glmv.layers.linear import Linear
 from glmv.layers.quantization import Int8Weight, check_quantization
@@ -55,11 +55,10 @@ def test_amx_and_vnni_products_are_bit_equal() -> None:
         pytest.skip("this CPU (or this build of the kernels) has no AMX tiles")
     layer = _layer(200, 1000, True, seed=5)
     x = torch.randn(70, 1000, generator=torch.Generator().manual_seed(2)).bfloat16()
-    never = 1 << 40
-    previous = ops.linear_amx_rows(never, never)
+    previous = ops.linear_amx_rows(NEVER, NEVER)
     try:
         lanes = layer.apply(x)
-        ops.linear_amx_rows(never, 1)
+        ops.linear_amx_rows(NEVER, 1)
         assert torch.equal(layer.apply(x), lanes)
     finally:
         ops.linear_amx_rows(*previous)

@@ -639,6 +639,26 @@ struct Int8Args {
 };
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+// The int8 product's epilogue for the 16 channels from n (both kernels, VNNI and AMX): a row's
+// int32 sums to y = (sum - 128 wsum) * sx * sw + bias, rounded to bf16.
+struct Int8Epilogue {
+  const Int8Args& a;
+  int64_t n;
+  __mmask16 keep;
+  __m512i offset;
+  __m512 sw, bias;
+  Int8Epilogue(const Int8Args& args, int64_t n0)
+      : a(args), n(n0), keep(channel_mask(n0, args.n)),
+        offset(_mm512_mullo_epi32(_mm512_loadu_si512(args.wsum + n0), _mm512_set1_epi32(128))),
+        sw(_mm512_loadu_ps(args.sw + n0)),
+        bias(args.bias != nullptr ? _mm512_loadu_ps(args.bias + n0) : _mm512_setzero_ps()) {}
+  void store(__m512i sums, int64_t m) const {
+    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, offset));
+    v = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.sx[m])), sw, bias);
+    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep, (__m256i)_mm512_cvtneps_pbh(v));
+  }
+};
+
 template <int MB, int NB>
 void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
   __m512i acc[MB][NB];
@@ -646,17 +666,8 @@ void lane_block(const Int8Args& a, int64_t m0, int64_t nb0) {
   for (int j = 0; j < NB; ++j) {
     const int64_t n = (nb0 + j) * kLaneChannels;
     if (n >= a.n) break;
-    const __mmask16 keep = channel_mask(n, a.n);
-    const __m512i offset = _mm512_mullo_epi32(_mm512_loadu_si512(a.wsum + n),
-                                              _mm512_set1_epi32(128));
-    const __m512 sw = _mm512_loadu_ps(a.sw + n);
-    const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-    for (int i = 0; i < MB; ++i) {
-      __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], offset));
-      v = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.sx[m0 + i])), sw, bias);
-      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(v);
-      _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
-    }
+    const Int8Epilogue out(a, n);
+    for (int i = 0; i < MB; ++i) out.store(acc[i][j], m0 + i);
   }
 }
 constexpr bool kVnniKernel = true;
@@ -700,6 +711,22 @@ struct Bf16Args {
 };
 
 #if defined(__AVX512BF16__)
+// The bf16 product's epilogue for the 16 channels from n (both kernels, AVX512 and AMX): a
+// row's fp32 sums plus the bias, rounded to bf16.
+struct Bf16Epilogue {
+  const Bf16Args& a;
+  int64_t n;
+  __mmask16 keep;
+  __m512 bias;
+  Bf16Epilogue(const Bf16Args& args, int64_t n0)
+      : a(args), n(n0), keep(channel_mask(n0, args.n)),
+        bias(args.bias != nullptr ? _mm512_loadu_ps(args.bias + n0) : _mm512_setzero_ps()) {}
+  void store(__m512 sums, int64_t m) const {
+    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep,
+                             (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias)));
+  }
+};
+
 template <int MB, int NB>
 void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
   __m512 acc[MB][NB];
@@ -707,12 +734,8 @@ void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
   for (int j = 0; j < NB; ++j) {
     const int64_t n = (nb0 + j) * kLaneChannels;
     if (n >= a.n) break;
-    const __mmask16 keep = channel_mask(n, a.n);
-    const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-    for (int i = 0; i < MB; ++i) {
-      const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(acc[i][j], bias));
-      _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
-    }
+    const Bf16Epilogue out(a, n);
+    for (int i = 0; i < MB; ++i) out.store(acc[i][j], m0 + i);
   }
 }
 constexpr bool kBf16Linear = true;
@@ -876,30 +899,14 @@ void store_tiles(void* acc) {
 // The epilogues of the two products on one 16-channel block of `rows` rows: acc rows of
 // 32 sums, output row i at y + i * n.
 void finish_block(const Bf16Args& a, const float* acc, int64_t m0, int64_t rows, int64_t nb) {
-  const int64_t n = nb * kLaneChannels;
-  const __mmask16 keep = channel_mask(n, a.n);
-  const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-  for (int64_t i = 0; i < rows; ++i) {
-    const __m256i bf = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(_mm512_loadu_ps(acc + i * 32),
-                                                                 bias));
-    _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
-  }
+  const Bf16Epilogue out(a, nb * kLaneChannels);
+  for (int64_t i = 0; i < rows; ++i) out.store(_mm512_loadu_ps(acc + i * 32), m0 + i);
 }
 
 void finish_block(const Int8Args& a, const int32_t* acc, int64_t m0, int64_t rows,
                   int64_t nb) {
-  const int64_t n = nb * kLaneChannels;
-  const __mmask16 keep = channel_mask(n, a.n);
-  const __m512i offset = _mm512_mullo_epi32(_mm512_loadu_si512(a.wsum + n),
-                                            _mm512_set1_epi32(128));
-  const __m512 sw = _mm512_loadu_ps(a.sw + n);
-  const __m512 bias = a.bias != nullptr ? _mm512_loadu_ps(a.bias + n) : _mm512_setzero_ps();
-  for (int64_t i = 0; i < rows; ++i) {
-    __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_loadu_si512(acc + i * 32), offset));
-    v = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.sx[m0 + i])), sw, bias);
-    const __m256i bf = (__m256i)_mm512_cvtneps_pbh(v);
-    _mm256_mask_storeu_epi16(a.y + (m0 + i) * a.n + n, keep, bf);
-  }
+  const Int8Epilogue out(a, nb * kLaneChannels);
+  for (int64_t i = 0; i < rows; ++i) out.store(_mm512_loadu_si512(acc + i * 32), m0 + i);
 }
 
 template <class A> struct AmxTraits;
