@@ -248,21 +248,13 @@ def scenario_list(parser: argparse.ArgumentParser, text: str,
     return scenarios
 
 
-def cpu_model() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def machine() -> dict[str, Any]:
     from glmv import kernels
 
+    model = kernels.cpuinfo_line("model name")
     return {"platform": platform.platform(), "processor": platform.processor() or None,
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
+            "cpu": model.split(":", 1)[1].strip() if model else None,
+            "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "glmv_kernels": kernels.status()}
 

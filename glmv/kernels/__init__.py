@@ -47,13 +47,19 @@ class _State:
     error: str | None = None
 
 
-def _cpu_features() -> str:
-    """The CPU's feature flags (what -march=native compiles for)."""
+def cpuinfo_line(key: str) -> str | None:
+    """The first line of /proc/cpuinfo that starts with `key` ("flags", "model name"), or None
+    where there is no such file or line."""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(key):
                 return line
-    return platform.processor()
+    return None
+
+
+def _cpu_features() -> str:
+    """The CPU's feature flags (what -march=native compiles for)."""
+    return cpuinfo_line("flags") or platform.processor()
 
 
 def build_key() -> str:
