@@ -425,6 +425,17 @@ def test_bf16_linear_takes_strided_rows_and_no_rows(product_path: str) -> None:
     assert ops.bf16_linear(x[:0], _bf16_blocks(w), None, 33).shape == (0, 33)
 
 
+def test_bf16_linear_over_panels_and_row_buffers(product_path: str) -> None:
+    """Taller than one panel of rows (744 rows of K = 1024 stay in L2), x beyond the 32 MiB
+    row buffer a thread keeps (then allocated for the call), and a short product after both
+    (the kept buffer reused): each matches fp64."""
+    for m, k, n in [(1100, 1024, 40), (4100, 4096, 20), (3, 1024, 40)]:
+        x, w = _bf16(m, k, seed=m), _bf16(n, k, seed=n + k)
+        y = ops.bf16_linear(x, _bf16_blocks(w), None, n)
+        _within_bf16_rounding(y, x.double() @ w.double().t(),
+                              x.double().abs() @ w.double().abs().t())
+
+
 def test_bf16_linear_rejects_blocks_of_another_shape() -> None:
     w = _bf16(32, 64)
     with pytest.raises(RuntimeError, match="must cover K"):

@@ -47,6 +47,18 @@ def test_kernel_computes_the_reference(rows: int, out_features: int, in_features
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows, in_features", [(1500, 1024), (8200, 4096), (5, 1024)])
+def test_kernel_over_panels_and_row_buffers(rows: int, in_features: int,
+                                            product_path: str) -> None:
+    """Several panels of rows, quantized rows beyond the 32 MiB buffer a thread keeps, and a
+    short product reusing the kept buffer: the reference's product each time."""
+    layer = _layer(24, in_features, True, seed=rows)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(1)).bfloat16()
+    torch.testing.assert_close(layer.apply(x).float(), layer.reference(x, layer.bias).float(),
+                               rtol=BF16_ULP, atol=1e-6)
+
+
+@needs_kernels
 def test_amx_and_vnni_products_are_bit_equal() -> None:
     """The integer sums are exact and both epilogues round alike: the kernel a batch takes
     (by its row count) does not change a single bit."""
