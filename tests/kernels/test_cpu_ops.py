@@ -426,7 +426,7 @@ def test_bf16_linear_takes_strided_rows_and_no_rows(product_path: str) -> None:
 
 
 def test_bf16_linear_over_panels_and_row_buffers(product_path: str) -> None:
-    """Taller than one panel of rows (744 rows of K = 1024 stay in L2), x beyond the 32 MiB
+    """Taller than one panel of rows (736 rows of K = 1024 stay in L2), x beyond the 32 MiB
     row buffer a thread keeps (then allocated for the call), and a short product after both
     (the kept buffer reused): each matches fp64."""
     for m, k, n in [(1100, 1024, 40), (4100, 4096, 20), (3, 1024, 40)]:
