@@ -584,9 +584,12 @@ inline __mmask16 channel_mask(int64_t n, int64_t total) {
 
 constexpr int64_t kInt8Group = 4;
 
+// out_stride 0: out in AMX's tiles (amx_x_layout: per 16 rows, one 1 KiB tile of 64 inputs
+// per K step), else rows out_stride bytes apart.
 void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64_t stride,
                    int64_t out_stride, uint8_t* out, float* scale) {
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<uint8_t> staged(out_stride == 0 ? kp : 0);
     for (int64_t m = r0; m < r1; ++m) {
       const uint16_t* r = x + m * stride;
       // max |x| on the bits (for finite values and inf the order of |x|; NaNs skipped, as
@@ -599,7 +602,7 @@ void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64
       const float amax = bf2f(top);
       float s = amax > 0.f ? amax / 127.f : 1.f;
       float inv = 1.f / s;
-      uint8_t* o = out + m * out_stride;
+      uint8_t* o = out_stride == 0 ? staged.data() : out + m * out_stride;
       int64_t i = 0;
 #if defined(__AVX512BW__)
       // the same products and round-to-nearest-even as the loop below, 16 at a time
@@ -620,6 +623,10 @@ void quantize_rows(const uint16_t* x, int64_t rows, int64_t k, int64_t kp, int64
         o[i] = uint8_t(int32_t(std::nearbyint(bf2f(r[i]) * inv)) + 128);
       }
       for (int64_t i = k; i < kp; ++i) o[i] = 128;
+      if (out_stride == 0) {  // the row's 64-input pieces into its tiles
+        uint8_t* tiles = out + m / 16 * kp * 16 + m % 16 * 64;
+        for (int64_t j = 0; j < kp; j += 64) std::memcpy(tiles + j * 16, o + j, 64);
+      }
       scale[m] = s;
     }
   });
@@ -843,7 +850,7 @@ constexpr int64_t kAmxPrefetchSteps = 4;
 // Steps [s0, s1) of the K stretch; the accumulators start at zero, or from `acc` (a [32][32]
 // block of sums as store_tiles leaves it) when it is given.
 template <bool Int8, int MT, int NT>
-void amx_tiles(const uint8_t* x, int64_t xs_bytes, const uint8_t* w, int64_t block_bytes,
+void amx_tiles(const uint8_t* x, int64_t x_next, const uint8_t* w, int64_t block_bytes,
                int64_t s0, int64_t s1, const void* acc = nullptr) {
   if (acc == nullptr) {
     _tile_zero(0);
@@ -857,21 +864,31 @@ void amx_tiles(const uint8_t* x, int64_t xs_bytes, const uint8_t* w, int64_t blo
     if (MT > 1) _tile_loadd(2, c + 16 * 128, 128);
     if (MT > 1 && NT > 1) _tile_loadd(3, c + 16 * 128 + 64, 128);
   }
-  const uint8_t* x1 = x + kTileRows * xs_bytes;
+  const uint8_t* x1 = x + x_next;
   const uint8_t* w1 = w + block_bytes;
   for (int64_t s = s0; s < s1; ++s) {
     // The weights stream from memory (decode batches: once per step); tile loads alone
     // wait for each line, so the lines a few steps ahead are requested now.
-    const uint8_t* ahead = w + (s + kAmxPrefetchSteps) * 1024;
+    static const int pfd = getenv("PFD") ? atoi(getenv("PFD")) : 4;
+    static const int pfh = getenv("PFH") ? atoi(getenv("PFH")) : 0;
+    if (pfd > 0) {
+    const uint8_t* ahead = w + (s + pfd) * 1024;
     for (int l = 0; l < 16; ++l) {
+      if (pfh == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(ahead + l * 64), _MM_HINT_T0);
       if (NT > 1)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + block_bytes + l * 64), _MM_HINT_T0);
+      } else {
+      _mm_prefetch(reinterpret_cast<const char*>(ahead + l * 64), _MM_HINT_T2);
+      if (NT > 1)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + block_bytes + l * 64), _MM_HINT_T2);
+      }
     }
-    _tile_loadd(4, x + s * 64, xs_bytes);
+    }
+    _tile_loadd(4, x + s * 1024, 64);
     _tile_loadd(6, w + s * 1024, 64);
     if (NT > 1) _tile_loadd(7, w1 + s * 1024, 64);
-    if (MT > 1) _tile_loadd(5, x1 + s * 64, xs_bytes);
+    if (MT > 1) _tile_loadd(5, x1 + s * 1024, 64);
     if constexpr (Int8) {
       _tile_dpbusd(0, 4, 6);
       if (NT > 1) _tile_dpbusd(1, 4, 7);
@@ -932,14 +949,23 @@ void finish_tiles(const A& a, const Sum* acc, int64_t m, int64_t m0, int64_t nb0
   }
 }
 
+// x's tiles from row m0 (a multiple of 16): AMX products take x as whole tiles, the 16 rows
+// of one K step (1 KiB) after another (amx_x_layout), so each tile load reads 1 KiB in
+// sequence instead of 16 lines a row apart.
+template <class A>
+const uint8_t* amx_x_tiles(const A& a, int64_t m0) {
+  const int64_t steps = a.kp * AmxTraits<A>::kElement / 64;
+  return reinterpret_cast<const uint8_t*>(a.x) + m0 / kTileRows * steps * 1024;
+}
+
 template <int MT, int NT, class A>
 void amx_block(const A& a, int64_t m, int64_t m0, int64_t nb0) {
   using T = AmxTraits<A>;
-  const int64_t xs_bytes = a.xs * T::kElement, kp_bytes = a.kp * T::kElement;
+  const int64_t kp_bytes = a.kp * T::kElement, steps = kp_bytes / 64;
   const int64_t block_bytes = kp_bytes * kLaneChannels;
-  amx_tiles<T::kInt8, MT, NT>(reinterpret_cast<const uint8_t*>(a.x) + m0 * xs_bytes, xs_bytes,
+  amx_tiles<T::kInt8, MT, NT>(amx_x_tiles(a, m0), steps * 1024,
                               reinterpret_cast<const uint8_t*>(a.w) + nb0 * block_bytes,
-                              block_bytes, 0, kp_bytes / 64);
+                              block_bytes, 0, steps);
   alignas(64) typename T::Sum acc[32 * 32];
   store_tiles<MT, NT>(acc);
   finish_tiles<MT, NT>(a, acc, m, m0, nb0);
@@ -965,8 +991,7 @@ template <class A, class Sum>
 void amx_pair_chunked(const A& a, int64_t m, int64_t p0, int64_t p1, int64_t q, int64_t steps,
                       Sum* cbuf) {
   using T = AmxTraits<A>;
-  const int64_t xs_bytes = a.xs * T::kElement, block_bytes = steps * 1024;
-  const uint8_t* x = reinterpret_cast<const uint8_t*>(a.x);
+  const int64_t block_bytes = steps * 1024;
   const uint8_t* w = reinterpret_cast<const uint8_t*>(a.w) + 2 * q * block_bytes;
   for (int64_t s0 = 0; s0 < steps; s0 += kChunkSteps) {
     const int64_t s1 = std::min(steps, s0 + kChunkSteps);
@@ -974,10 +999,10 @@ void amx_pair_chunked(const A& a, int64_t m, int64_t p0, int64_t p1, int64_t q, 
       Sum* acc = cbuf + (r - p0) / (2 * kTileRows) * 1024;
       const void* from = s0 == 0 ? nullptr : acc;
       if (p1 - r > kTileRows) {
-        amx_tiles<T::kInt8, 2, 2>(x + r * xs_bytes, xs_bytes, w, block_bytes, s0, s1, from);
+        amx_tiles<T::kInt8, 2, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from);
         store_tiles<2, 2>(acc);
       } else {
-        amx_tiles<T::kInt8, 1, 2>(x + r * xs_bytes, xs_bytes, w, block_bytes, s0, s1, from);
+        amx_tiles<T::kInt8, 1, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from);
         store_tiles<1, 2>(acc);
       }
     }
@@ -996,7 +1021,7 @@ template <class A>
 void amx_product(const A& a, int64_t m, int64_t nblocks) {
   using Sum = typename AmxTraits<A>::Sum;
   const int64_t pairs = (nblocks + 1) / 2, steps = a.kp * AmxTraits<A>::kElement / 64;
-  const int64_t row_bytes = a.xs * AmxTraits<A>::kElement;
+  const int64_t row_bytes = a.kp * AmxTraits<A>::kElement;
   const int64_t panel = std::clamp<int64_t>(kPanelBytes / row_bytes / (2 * kTileRows) *
                                                 (2 * kTileRows), kPanelMinRows, kPanelMaxRows);
   for (int64_t p0 = 0; p0 < m; p0 += panel) {
@@ -1072,6 +1097,38 @@ RowBuffer row_buffer(int slot, size_t bytes) {
   return {at::Tensor(), b.data};
 }
 
+// bf16 rows [m, k] (row stride `stride`) as AMX takes them: per block of 16 rows, the tiles of
+// its K steps (32 inputs each) one after another, a tile's 16 rows 64 bytes apart; rows past m
+// and inputs past k are zero.
+void amx_x_layout(const uint16_t* src, int64_t m, int64_t k, int64_t stride, int64_t kp,
+                  uint16_t* dst) {
+  constexpr int64_t kStep = 32;  // inputs per tile row
+  const int64_t steps = kp / kStep, blocks = (m + kTileRows - 1) / kTileRows;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint16_t* tiles = dst + b * steps * kTileRows * kStep;
+      for (int64_t i = 0; i < kTileRows; ++i) {
+        const int64_t r = b * kTileRows + i;
+        const uint16_t* row = src + r * stride;
+        const int64_t full = r < m ? k / kStep : 0;  // whole tile rows of x
+        int64_t s = 0;
+#if defined(__AVX512BW__)
+        for (; s < full; ++s) {
+          _mm512_storeu_si512(tiles + (s * kTileRows + i) * kStep,
+                              _mm512_loadu_si512(row + s * kStep));
+        }
+#endif
+        for (; s < steps; ++s) {
+          uint16_t* out = tiles + (s * kTileRows + i) * kStep;
+          const int64_t n = r < m ? std::clamp<int64_t>(k - s * kStep, 0, kStep) : 0;
+          if (n > 0) std::memcpy(out, row + s * kStep, n * sizeof(uint16_t));
+          if (n < kStep) std::memset(out + n, 0, (kStep - n) * sizeof(uint16_t));
+        }
+      }
+    }
+  });
+}
+
 bool use_amx(int64_t m, bool int8) {
   return m >= (int8 ? g_amx_rows_int8 : g_amx_rows_bf16) && amx_ready();
 }
@@ -1109,14 +1166,14 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (bias.has_value()) check_vec(*bias, at::kFloat, "bias");
   const int64_t xs = kp + 64;
   const bool amx = use_amx(m, true);
-  const int64_t mp = amx && m > kTileRows ? (m + kTileRows - 1) / kTileRows * kTileRows : m;
-  const RowBuffer xq_buffer = row_buffer(0, mp * xs);
+  // AMX: x in tiles, rows padded to 16 (the padding rows' sums are never stored)
+  const int64_t mp = amx ? (m + kTileRows - 1) / kTileRows * kTileRows : m;
+  const RowBuffer xq_buffer = row_buffer(0, amx ? mp * kp : m * xs);
   const RowBuffer sx_buffer = row_buffer(1, m * sizeof(float));
   uint8_t* xq = xq_buffer.data;
   float* sx = reinterpret_cast<float*>(sx_buffer.data);
-  quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), m, k, kp, x.stride(0), xs, xq,
-                sx);
-  if (mp > m) std::memset(xq + m * xs, 0, (mp - m) * xs);
+  quantize_rows(reinterpret_cast<const uint16_t*>(x.data_ptr()), m, k, kp, x.stride(0),
+                amx ? 0 : xs, xq, sx);
   auto y = at::empty({m, n}, x.options());
   const Int8Args a{xq, w.data_ptr<int8_t>(), sx,
                    w_scale.data_ptr<float>(), w_sum.data_ptr<int32_t>(),
@@ -1153,17 +1210,24 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
   if (m == 0) return y;
   const int64_t xs = kp + 32;
   const bool amx = use_amx(m, false);
-  const int64_t mp = amx && m > kTileRows ? (m + kTileRows - 1) / kTileRows * kTileRows : m;
   const uint16_t* src = bits(x);
-  const RowBuffer buffer = row_buffer(0, mp * xs * sizeof(uint16_t));
-  uint16_t* dst = reinterpret_cast<uint16_t*>(buffer.data);
-  at::parallel_for(0, mp, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t copied = r < m ? k : 0;
-      if (copied > 0) std::memcpy(dst + r * xs, src + r * x.stride(0), k * sizeof(uint16_t));
-      std::memset(dst + r * xs + copied, 0, (xs - copied) * sizeof(uint16_t));
-    }
-  });
+  uint16_t* dst;
+  RowBuffer buffer;
+  if (amx) {
+    const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
+    buffer = row_buffer(0, mp * kp * sizeof(uint16_t));
+    dst = reinterpret_cast<uint16_t*>(buffer.data);
+    amx_x_layout(src, m, k, x.stride(0), kp, dst);
+  } else {
+    buffer = row_buffer(0, m * xs * sizeof(uint16_t));
+    dst = reinterpret_cast<uint16_t*>(buffer.data);
+    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        std::memcpy(dst + r * xs, src + r * x.stride(0), k * sizeof(uint16_t));
+        std::memset(dst + r * xs + k, 0, (xs - k) * sizeof(uint16_t));
+      }
+    });
+  }
   const Bf16Args a{dst, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
                    mbits(y), kp, n, xs};
   if (amx) {
