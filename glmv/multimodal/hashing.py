@@ -13,9 +13,10 @@ import torch
 
 def hash_pixels(pixel_values: torch.Tensor, grid_thw: tuple[int, int, int],
                 extra: str = "") -> str:
-    """Hex digest of a preprocessed image/video (128-bit BLAKE2b)."""
-    h = hashlib.blake2b(digest_size=16)
+    """Hex digest of a preprocessed image/video (SHA-256 cut to 128 bits: with the CPU's SHA
+    instructions about twice BLAKE2b's speed, ~3 ms for an image's 4.8 MB of pixels)."""
+    h = hashlib.sha256()
     h.update(f"{tuple(grid_thw)}|{tuple(pixel_values.shape)}|{extra}|".encode())
     # The array's buffer is hashed in place (no copy of a possibly large video).
     h.update(pixel_values.detach().contiguous().cpu().numpy().data)
-    return h.hexdigest()
+    return h.hexdigest()[:32]
