@@ -201,6 +201,8 @@ class Bf16Blocks:
 
 #: Batch size oneDNN tunes the packed layout for (decode batches; prefill is compute-bound).
 PACKING_BATCH_HINT = 64
+#: ... and for the layers of modules that only ever multiply many rows (`many_rows`).
+MANY_ROWS_BATCH_HINT = 1024
 
 
 @dataclass(frozen=True)
@@ -213,9 +215,10 @@ class OneDnnWeight:
     out_features: int
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> OneDnnWeight:
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+             batch_hint: int = PACKING_BATCH_HINT) -> OneDnnWeight:
         out_features, in_features = weight.shape
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKING_BATCH_HINT)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch_hint)
         return cls(packed, None if bias is None else bias.detach(), in_features, out_features)
 
     def apply(self, x: torch.Tensor, with_bias: bool = True) -> torch.Tensor:
@@ -247,8 +250,20 @@ def onednn_packing() -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
-def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight:
-    """`weight` (bf16 on CPU, `can_pack`) in the layout of the best product this machine has."""
+def onednn_for_many_rows() -> bool:
+    """Whether oneDNN's packed product beats glmv's blocks on products of many rows: on CPUs
+    with AMX, where both run on tiles and oneDNN's blocking keeps them busier (2048 rows of a
+    vision layer, caches cold: 1.7-1.9 TFLOP/s against 1.1-1.3, docs/engine.md)."""
+    ops = get_ops()
+    return onednn_packing() and ops is not None and bool(ops.linear_amx())
+
+
+def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
+                many_rows: bool = False) -> PackedWeight:
+    """`weight` (bf16 on CPU, `can_pack`) in the layout of the best product this machine has
+    for its layer: `many_rows` for a layer that never multiplies decode-sized batches."""
+    if many_rows and onednn_for_many_rows():
+        return OneDnnWeight.pack(weight, bias, MANY_ROWS_BATCH_HINT)
     if bf16_blocks_native():
         return Bf16Blocks.pack(weight, bias)
     return OneDnnWeight.pack(weight, bias)
@@ -261,19 +276,25 @@ def pack_linear_weights(model: nn.Module) -> int:
 
     Why: the plain [out, in] weight is re-laid out by oneDNN on every call; a packed layout
     streams once, which makes decode-sized products (a few rows) 1.5-2x faster.
-    Returns the number of layers packed. Loading weights must happen before this.
+    The layers inside a module whose class sets `many_rows = True` (the vision tower: every
+    call multiplies all patches of a step's images) get the layout of `pack_weight(...,
+    many_rows=True)`. Returns the number of layers packed. Loading weights must happen before
+    this.
     """
     uses: dict[int, int] = {}
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
+    many_rows_prefixes = tuple(f"{name}." for name, module in model.named_modules()
+                               if getattr(module, "many_rows", False))
     count = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         if not isinstance(module, Linear) or module.packed is not None:
             continue
         weight = module.weight
         if not can_pack(weight):
             continue
-        module.packed = pack_weight(weight, module.bias)
+        module.packed = pack_weight(weight, module.bias,
+                                    many_rows=name.startswith(many_rows_prefixes))
         if uses[id(weight)] == 1:
             weight.data = torch.empty(0, dtype=weight.dtype)
         count += 1

@@ -173,6 +173,11 @@ class Glm4vVisionModel(nn.Module):
     group of one) and is then used only to share the items out and gather their embeddings.
     """
 
+    #: Every call multiplies all patches of a step's images and frames (hundreds to thousands
+    #: of rows), never a decode-sized batch: its linear layers take the layout fastest for many
+    #: rows (glmv.layers.linear.pack_linear_weights).
+    many_rows = True
+
     def __init__(self, cfg: VisionConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
         self.cfg = cfg

@@ -85,3 +85,39 @@ def test_float32_weights_are_not_packed() -> None:
     model = Tiny()
     assert pack_linear_weights(model) == 0
     assert model.out.packed is None and model.out.weight.numel() == 47 * 64
+
+
+class Tower(nn.Module):
+    many_rows = True  # as the vision tower declares: never a decode-sized batch
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = Linear(64, 32, bias=True)
+
+
+class WithTower(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tower = Tower()
+        self.head = Linear(64, 48)
+
+
+@pytest.mark.parametrize("onednn_wins", [True, False])
+def test_many_rows_modules_take_onednn_where_it_wins(onednn_wins: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layers inside a `many_rows` module take oneDNN's layout where it is the faster product
+    for many rows (AMX); the rest, and everything elsewhere, the usual layout."""
+    if onednn_wins and not linear.onednn_packing():
+        pytest.skip("this torch build has no oneDNN packed linear kernels")
+    monkeypatch.setattr(linear, "onednn_for_many_rows", lambda: onednn_wins)
+    torch.manual_seed(0)
+    model = WithTower().to(torch.bfloat16)
+    for p in model.parameters():
+        nn.init.normal_(p)
+    x = torch.randn(300, 64, dtype=torch.bfloat16)
+    want = F.linear(x, model.tower.proj.weight, model.tower.proj.bias)
+    assert pack_linear_weights(model) == 2
+    usual = Bf16Blocks if linear.bf16_blocks_native() else OneDnnWeight
+    assert isinstance(model.tower.proj.packed, OneDnnWeight if onednn_wins else usual)
+    assert isinstance(model.head.packed, usual)
+    torch.testing.assert_close(model.tower.proj(x).float(), want.float(), rtol=1e-2, atol=5e-2)

@@ -800,7 +800,8 @@ void lane_product(const A& a, int64_t m, int64_t nblocks) {
 // one channel block's 16 lines of a K stretch (bf16: 32 inputs, int8: 64) are one B tile of
 // 16 rows, stored contiguously (row stride 64 bytes) — the layout TDPBF16PS and TDPBUSD take
 // with no repacking; Kp is padded to a whole tile (glmv.layers.linear.lane_blocks). x is
-// copied with its rows padded to 16. Each step multiplies 32 rows x 32 channels in four
+// copied into tiles the same way (amx_x_layout: rows padded to 16, each A tile 1 KiB in
+// sequence). Each step multiplies 32 rows x 32 channels in four
 // accumulator tiles. Used from a few rows on (prefill, batched decode): there the products
 // are compute-bound and AMX does 8x the work per cycle of AVX512; single rows stay on the
 // AVX512 stream above. Sums run in another order than vdpbf16ps (tile rows of 32 inputs), so
