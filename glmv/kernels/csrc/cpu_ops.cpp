@@ -1270,9 +1270,69 @@ struct VarlenArgs {
 // Keys and values of one (segment, KV head), padded to `lp` rows with zeros:
 //   kp [lp/16][d/2][16][2]: kp[b][p][l][t] = k[16 b + l][2 p + t]  (16 keys per register)
 //   vp [d/16][lp/2][16][2]: vp[g][j][c][t] = v[2 j + t][16 g + c]  (key pairs per column)
+#if defined(__AVX512F__)
+// r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit lanes
+inline void transpose16x16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int h = 0; h < 16; h += 8)
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+#endif
+
 void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t lp,
              uint16_t* kp, uint16_t* vp) {
   const int64_t d = a.d, pairs = d / 2;
+#if defined(__AVX512F__)
+  if (d % 32 == 0) {
+    // The same layouts 16 keys at a time: a key block's [16 keys][pairs] 32-bit words
+    // transposed 16 x 16 at a time; two keys' values interleaved 16 columns at a time.
+    for (int64_t r0 = 0; r0 < lp; r0 += 16) {
+      uint16_t* kb = kp + (r0 / 16) * pairs * 32;
+      for (int64_t c = 0; c < pairs / 16; ++c) {
+        __m512i w[16];
+        for (int64_t l = 0; l < 16; ++l)
+          w[l] = r0 + l < len ? _mm512_loadu_si512(a.k + (start + r0 + l) * a.kts + h * a.khs +
+                                                   32 * c)
+                              : _mm512_setzero_si512();
+        transpose16x16(w);
+        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(kb + (16 * c + p) * 32, w[p]);
+      }
+      for (int64_t r = r0; r < r0 + 16; r += 2) {
+        const uint16_t* v0 = a.v + (start + r) * a.vts + h * a.vhs;
+        const uint16_t* v1 = v0 + a.vts;
+        for (int64_t c = 0; c < d; c += 16) {
+          const __m512i lo = r < len ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                           reinterpret_cast<const __m256i*>(v0 + c)))
+                                     : _mm512_setzero_si512();
+          const __m512i hi = r + 1 < len ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(
+                                               reinterpret_cast<const __m256i*>(v1 + c)))
+                                         : _mm512_setzero_si512();
+          _mm512_storeu_si512(vp + (c / 16) * lp * 16 + (r / 2) * 32,
+                              _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t r = 0; r < lp; ++r) {
     uint16_t* kb = kp + (r / 16) * pairs * 32 + (r % 16) * 2;
     uint16_t* vb = vp + (r / 2) * 32 + (r % 2);
@@ -1419,30 +1479,40 @@ constexpr bool kBf16Attention = false;
 #endif
 
 #if GLMV_AMX
-// The two products of attn_scores / attn_values on AMX tiles, 16 query rows at a time (the
-// tile configuration of the linear products: all tiles 16 rows x 64 bytes). The packed keys
-// are lane blocks of 16 keys x head_dim and the packed values lane blocks of 16 columns x
-// keys: 32 head_dim values (32 keys) of a block are one B tile as they lie. Rows of qb: d
-// apart; of s: lp apart.
-constexpr int64_t kAmxAttnRows = 16;
+// The two products of attn_scores / attn_values on AMX tiles, 32 query rows at a time (the
+// tile configuration of the linear products: all tiles 16 rows x 64 bytes; four accumulators
+// of 16 rows x 16 keys or columns, so that every key or value tile read from L2 serves two
+// query tiles). The packed keys are lane blocks of 16 keys x head_dim and the packed values
+// lane blocks of 16 columns x keys: 32 head_dim values (32 keys) of a block are one B tile
+// as they lie. Rows of qb: d apart; of s: lp apart.
+constexpr int64_t kAmxAttnRows = 32;
 
 void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
                      int64_t nkeys, float scale) {
   const int64_t pairs = d / 2, steps = d / 32;
+  const uint16_t* qb1 = qb + 16 * d;
+  float* s1 = s + 16 * lp;
   for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
     const uint16_t* k0 = kp + nb * pairs * 32;
     const uint16_t* k1 = k0 + pairs * 32;
     _tile_zero(0);
     _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int64_t c = 0; c < steps; ++c) {
       _tile_loadd(4, qb + c * 32, d * 2);
       _tile_loadd(6, k0 + c * 512, 64);
       _tile_loadd(7, k1 + c * 512, 64);
+      _tile_loadd(5, qb1 + c * 32, d * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
     }
     _tile_stored(0, s + nb * 16, lp * 4);
     _tile_stored(1, s + nb * 16 + 16, lp * 4);
+    _tile_stored(2, s1 + nb * 16, lp * 4);
+    _tile_stored(3, s1 + nb * 16 + 16, lp * 4);
   }
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < kAmxAttnRows; ++i)
@@ -1454,20 +1524,28 @@ void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d
 void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_t rows,
                      int64_t d, int64_t lp, int64_t nkeys, uint16_t* out, int64_t ors) {
   alignas(64) float acc[kAmxAttnRows * 32];
+  const uint16_t* p1 = p + 16 * lp;
   for (int64_t c0 = 0; c0 < d; c0 += 32) {
     const uint16_t* v0 = vp + (c0 / 16) * lp * 16;
     const uint16_t* v1 = v0 + lp * 16;
     _tile_zero(0);
     _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
     for (int64_t j = 0; j < nkeys / 32; ++j) {
       _tile_loadd(4, p + j * 32, lp * 2);
       _tile_loadd(6, v0 + j * 512, 64);
       _tile_loadd(7, v1 + j * 512, 64);
+      _tile_loadd(5, p1 + j * 32, lp * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
     }
     _tile_stored(0, acc, 128);
     _tile_stored(1, acc + 16, 128);
+    _tile_stored(2, acc + 16 * 32, 128);
+    _tile_stored(3, acc + 16 * 32 + 16, 128);
     for (int64_t i = 0; i < rows; ++i)
       for (int64_t h = 0; h < 2; ++h) {
         const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i * 32 + h * 16),
@@ -1479,7 +1557,7 @@ void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, in
 }
 constexpr bool kAmxAttention = true;
 #else
-constexpr int64_t kAmxAttnRows = 16;
+constexpr int64_t kAmxAttnRows = 32;
 void amx_attn_scores(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
                      float) {
   TORCH_CHECK(false, "glmv: built without AMX");
@@ -1542,30 +1620,6 @@ void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
     const __m512 inv = _mm512_set1_ps(1.0f / total);
     for (int64_t n = 0; n < lp; n += 16)
       _mm512_storeu_ps(sr + n, _mm512_mul_ps(_mm512_loadu_ps(sr + n), inv));
-  }
-}
-
-// r[i][j] <- r[j][i] for a 16 x 16 block of 32-bit lanes
-inline void transpose16x16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  for (int h = 0; h < 16; h += 8)
-    for (int i = 0; i < 4; ++i) {
-      t[h + i] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0x88);
-      t[h + i + 4] = _mm512_shuffle_i32x4(r[h + i], r[h + i + 4], 0xdd);
-    }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xdd);
   }
 }
 
@@ -1799,9 +1853,11 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
   const VarlenArgs a{bits(q), bits(k), bits(v), mbits(out), cu, cuk, heads, heads / kv_heads, d,
                      q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                      v.stride(1), float(scale), causal};
-  // Query rows per task: as many as keep the task's scores within ~512 KiB (the L2).
+  // Query rows per task: as many as keep the task's scores within ~512 KiB (the L2), and at
+  // least the 32 rows AMX takes at once.
   auto rows_for = [](int64_t lp) {
-    return std::max<int64_t>(4, std::min<int64_t>(64, (int64_t(1) << 17) / lp / 4 * 4));
+    return std::max<int64_t>(kAmxAttnRows,
+                             std::min<int64_t>(64, (int64_t(1) << 17) / lp / 4 * 4));
   };
   auto padded = [](int64_t len) { return (len + 63) / 64 * 64; };
   std::vector<int64_t> task_start{0};  // first task of each segment
