@@ -1754,6 +1754,15 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task / kvh, kh = task % kvh, len = sl[i];
         const int32_t* table = bt + si[i] * max_blocks;
+        // The next sequence's first block of keys (all KV heads: the block is contiguous)
+        // into L2 now, while this task runs: each task otherwise starts on a cold block.
+        if (kh == kvh - 1 && task + 1 < end) {
+          const int64_t next = (task + 1) / kvh;
+          const char* first = reinterpret_cast<const char*>(
+              kc + int64_t(bt[si[next] * max_blocks]) * block_size * slot_row);
+          const int64_t bytes = std::min(sl[next], block_size) * slot_row * 2;
+          for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(first + l, _MM_HINT_T1);
+        }
         w.krows.resize(len);
         w.vrows.resize(len);
         for (int64_t t = 0; t < len; ++t) {
