@@ -59,6 +59,17 @@ def test_kernel_over_panels_and_row_buffers(rows: int, in_features: int,
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [5, 20])
+def test_kernel_takes_strided_rows(rows: int, product_path: str) -> None:
+    """Rows of a wider tensor (quantized from their stride, into tiles from 16 rows on AMX)
+    give the bits of the same rows made contiguous."""
+    layer = _layer(40, 300, True, seed=rows)
+    wide = torch.randn(rows, 340, generator=torch.Generator().manual_seed(4)).bfloat16()
+    x = wide[:, 20:320]
+    assert torch.equal(layer.apply(x), layer.apply(x.contiguous()))
+
+
+@needs_kernels
 def test_amx_and_vnni_products_are_bit_equal() -> None:
     """The integer sums are exact and both epilogues round alike: the kernel a batch takes
     (by its row count) does not change a single bit."""
