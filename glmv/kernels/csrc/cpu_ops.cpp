@@ -870,21 +870,11 @@ void amx_tiles(const uint8_t* x, int64_t x_next, const uint8_t* w, int64_t block
   for (int64_t s = s0; s < s1; ++s) {
     // The weights stream from memory (decode batches: once per step); tile loads alone
     // wait for each line, so the lines a few steps ahead are requested now.
-    static const int pfd = getenv("PFD") ? atoi(getenv("PFD")) : 4;
-    static const int pfh = getenv("PFH") ? atoi(getenv("PFH")) : 0;
-    if (pfd > 0) {
-    const uint8_t* ahead = w + (s + pfd) * 1024;
+    const uint8_t* ahead = w + (s + kAmxPrefetchSteps) * 1024;
     for (int l = 0; l < 16; ++l) {
-      if (pfh == 0) {
       _mm_prefetch(reinterpret_cast<const char*>(ahead + l * 64), _MM_HINT_T0);
       if (NT > 1)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + block_bytes + l * 64), _MM_HINT_T0);
-      } else {
-      _mm_prefetch(reinterpret_cast<const char*>(ahead + l * 64), _MM_HINT_T2);
-      if (NT > 1)
-        _mm_prefetch(reinterpret_cast<const char*>(ahead + block_bytes + l * 64), _MM_HINT_T2);
-      }
-    }
     }
     _tile_loadd(4, x + s * 1024, 64);
     _tile_loadd(6, w + s * 1024, 64);
