@@ -102,6 +102,24 @@ inline __m512 load_bf16x16(const uint16_t* x) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(
       _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
 }
+
+// f2bf on 16 lanes, bit for bit (round to nearest even, NaN -> 0x7fc0; denormals kept, which
+// vcvtneps2bf16 would flush), as fp32 lanes holding the bf16 values (the low 16 bits zero)
+inline __m512 round_bf16x16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+  r = _mm512_and_si512(r, _mm512_set1_epi32(int32_t(0xffff0000u)));
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q),
+                            _mm512_set1_epi32(0x7fc00000));
+  return _mm512_castsi512_ps(r);
+}
+
+// 16 fp32 lanes that hold bf16 values (round_bf16x16) stored as bf16
+inline void store_bf16x16(uint16_t* out, __m512 rounded) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(rounded), 16)));
+}
 #endif
 
 const uint16_t* bits(const at::Tensor& t) {
@@ -180,16 +198,87 @@ float sum_squares(const uint16_t* x, int64_t n) {
   return total;
 }
 
+#if defined(__AVX512F__)
+// sum_squares<8> with each 8-lane vector in one register: the same additions in the same
+// order (squares of bf16 values are exact, so a product and a sum are what the loop adds).
+inline __m256 squares8(const uint16_t* p) {
+  const __m256 f = _mm256_castsi256_ps(_mm256_slli_epi32(
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+  return _mm256_mul_ps(f, f);
+}
+
+float sum_squares8(const uint16_t* x, int64_t n) {
+  constexpr int L = 8, kIlp = 4, kLevels = 4;
+  int64_t vecs = n / L, groups = vecs / kIlp;
+  int level_power = std::max(4, ceil_log2(groups) / kLevels);
+  int64_t level_step = int64_t(1) << level_power, level_mask = level_step - 1;
+  __m256 acc[kLevels][kIlp];
+  for (auto& level : acc)
+    for (auto& a : level) a = _mm256_setzero_ps();
+  int64_t i = 0;
+  while (i + level_step <= groups) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < kIlp; ++k)
+        acc[0][k] = _mm256_add_ps(acc[0][k], squares8(x + (i * kIlp + k) * L));
+    for (int j = 1; j < kLevels; ++j) {
+      for (int k = 0; k < kIlp; ++k) {
+        acc[j][k] = _mm256_add_ps(acc[j][k], acc[j - 1][k]);
+        acc[j - 1][k] = _mm256_setzero_ps();
+      }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < groups; ++i)
+    for (int k = 0; k < kIlp; ++k)
+      acc[0][k] = _mm256_add_ps(acc[0][k], squares8(x + (i * kIlp + k) * L));
+  for (int j = 1; j < kLevels; ++j)
+    for (int k = 0; k < kIlp; ++k) acc[0][k] = _mm256_add_ps(acc[0][k], acc[j][k]);
+  __m256 part = acc[0][0];
+  for (int64_t v = groups * kIlp; v < vecs; ++v) part = _mm256_add_ps(part, squares8(x + v * L));
+  for (int k = 1; k < kIlp; ++k) part = _mm256_add_ps(part, acc[0][k]);
+  float total = 0.0f;
+  for (int64_t t = vecs * L; t < n; ++t) total += bf2f(x[t]) * bf2f(x[t]);
+  alignas(32) float lanes[L];
+  _mm256_store_ps(lanes, part);
+  for (int l = 0; l < L; ++l) total += lanes[l];
+  return total;
+}
+#endif
+
 // 1 / sqrt(mean(x^2) + eps) of one row, in fp32, rounded as torch rounds it.
 float inv_rms(const uint16_t* x, int64_t n, float eps) {
+#if defined(__AVX512F__)
+  static_assert(kSumLanes == 8);
+  float sum = sum_squares8(x, n);
+#else
   float sum = sum_squares<kSumLanes>(x, n);
+#endif
   return 1.0f / std::sqrt(sum / float(n) + eps);
 }
 
 // out = bf16(weight * bf16(x * inv_rms(x))), as glmv.layers.norm.RMSNorm rounds.
 void norm_row(const uint16_t* x, const uint16_t* w, uint16_t* out, int64_t n, float eps) {
   float scale = inv_rms(x, n, eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = f2bf(bf2f(w[i]) * round_bf(bf2f(x[i]) * scale));
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 vs = _mm512_set1_ps(scale);
+  for (; i + 16 <= n; i += 16) {
+    const __m512 normed = round_bf16x16(_mm512_mul_ps(load_bf16x16(x + i), vs));
+    store_bf16x16(out + i, round_bf16x16(_mm512_mul_ps(load_bf16x16(w + i), normed)));
+  }
+#endif
+  for (; i < n; ++i) out[i] = f2bf(bf2f(w[i]) * round_bf(bf2f(x[i]) * scale));
+}
+
+// out = bf16(a + b) over n values
+void add_row(const uint16_t* a, const uint16_t* b, uint16_t* out, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    store_bf16x16(out + i, round_bf16x16(_mm512_add_ps(load_bf16x16(a + i),
+                                                       load_bf16x16(b + i))));
+#endif
+  for (; i < n; ++i) out[i] = f2bf(bf2f(a[i]) + bf2f(b[i]));
 }
 
 constexpr int64_t kRowGrain = 32;  // rows per thread task: small batches run on one thread
@@ -246,7 +335,7 @@ void add_norm_impl(const at::Tensor& x, const at::Tensor& residual,
       }
       const uint16_t* rr = rp + r * rs;
       uint16_t* hr = hp + r * n;
-      for (int64_t i = 0; i < n; ++i) hr[i] = f2bf(bf2f(rr[i]) + bf2f(xr[i]));
+      add_row(rr, xr, hr, n);
       if (wo != nullptr) norm_row(hr, wo, op + r * n, n, float(eps));
     }
   });
