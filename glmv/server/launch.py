@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -67,6 +68,7 @@ def serve(args: ServeArgs) -> int:
         return 0
     ctx = build_context(args)
     app = build_app(ctx)
+    freeze_startup_heap()
     host, port = args.server.host, args.server.port
     url_host = f"[{host}]" if ":" in host else host
     print(f"glmv: serving {ctx.model_name!r} on http://{url_host}:{port} "
@@ -89,6 +91,16 @@ def serve(args: ServeArgs) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 1 if server.died or server.failed else 0
+
+
+def freeze_startup_heap() -> None:
+    """Take everything built at start-up (the model's modules, the imported libraries: most of
+    the process's Python objects, and alive as long as it is) out of the cyclic garbage
+    collector's reach. A full collection walks every tracked object; over that heap it paused
+    a step for tens of milliseconds (a 128-token prompt's first token: ~60 ms alone, 100-195
+    ms once collections ran during it), now it walks only what requests leave behind."""
+    gc.collect()
+    gc.freeze()
 
 
 def _serve_http(server: DrainingServer, ctx: ServerContext) -> None:
