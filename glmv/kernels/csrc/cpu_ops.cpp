@@ -1374,6 +1374,18 @@ inline void transpose16x16(__m512i* r) {
   }
 }
 
+// 16 keys as one lane block [pairs][16][2] (out): key l's row is row(l) for l < n, zeros
+// past n; their 32-bit (input pair) words transposed 16 x 16 at a time.
+template <class Row>
+inline void pack_keys16(Row row, int64_t n, int64_t pairs, uint16_t* out) {
+  for (int64_t c = 0; c < pairs / 16; ++c) {
+    __m512i r[16];
+    for (int64_t l = 0; l < 16; ++l)
+      r[l] = l < n ? _mm512_loadu_si512(row(l) + 32 * c) : _mm512_setzero_si512();
+    transpose16x16(r);
+    for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(out + (16 * c + p) * 32, r[p]);
+  }
+}
 #endif
 
 void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t lp,
@@ -1381,19 +1393,12 @@ void pack_kv(const VarlenArgs& a, int64_t start, int64_t len, int64_t h, int64_t
   const int64_t d = a.d, pairs = d / 2;
 #if defined(__AVX512F__)
   if (d % 32 == 0) {
-    // The same layouts 16 keys at a time: a key block's [16 keys][pairs] 32-bit words
-    // transposed 16 x 16 at a time; two keys' values interleaved 16 columns at a time.
+    // The same layouts 16 keys at a time (pack_keys16); two keys' values interleaved 16
+    // columns at a time.
     for (int64_t r0 = 0; r0 < lp; r0 += 16) {
-      uint16_t* kb = kp + (r0 / 16) * pairs * 32;
-      for (int64_t c = 0; c < pairs / 16; ++c) {
-        __m512i w[16];
-        for (int64_t l = 0; l < 16; ++l)
-          w[l] = r0 + l < len ? _mm512_loadu_si512(a.k + (start + r0 + l) * a.kts + h * a.khs +
-                                                   32 * c)
-                              : _mm512_setzero_si512();
-        transpose16x16(w);
-        for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(kb + (16 * c + p) * 32, w[p]);
-      }
+      const uint16_t* k0 = a.k + (start + r0) * a.kts + h * a.khs;
+      pack_keys16([&](int64_t l) { return k0 + l * a.kts; }, len - r0, pairs,
+                  kp + (r0 / 16) * pairs * 32);
       for (int64_t r = r0; r < r0 + 16; r += 2) {
         const uint16_t* v0 = a.v + (start + r) * a.vts + h * a.vhs;
         const uint16_t* v1 = v0 + a.vts;
@@ -1729,13 +1734,7 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
     for (int64_t t = t0; t < t0 + n; ++t)
       for (int64_t l = 0; l < row_lines; ++l)
         _mm_prefetch(reinterpret_cast<const char*>(w.vrows[t] - back) + 64 * l, _MM_HINT_T1);
-    for (int64_t c = 0; c < pairs / 16; ++c) {  // 16 keys x 16 pairs, transposed
-      __m512i r[16];
-      for (int64_t l = 0; l < 16; ++l)
-        r[l] = l < n ? _mm512_loadu_si512(w.krows[t0 + l] + 32 * c) : _mm512_setzero_si512();
-      transpose16x16(r);
-      for (int64_t p = 0; p < 16; ++p) _mm512_storeu_si512(w.kp.data() + (16 * c + p) * 32, r[p]);
-    }
+    pack_keys16([&](int64_t l) { return w.krows[t0 + l]; }, n, pairs, w.kp.data());
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
       const uint16_t* qg = q + g0 * qhs;
       float* sg = w.s.data() + g0 * lp + t0;
