@@ -3,6 +3,8 @@ computes, free the plain weight, and leave shared (tied) weights in place."""
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,8 @@ from glmv.layers.linear import (
     can_pack,
     pack_linear_weights,
 )
+
+M = TypeVar("M", bound=nn.Module)
 
 pytestmark = pytest.mark.skipif(not can_pack(torch.empty(1, dtype=torch.bfloat16)),
                                 reason="neither glmv's bf16 kernel nor oneDNN's packed linear "
@@ -33,6 +37,15 @@ class Tiny(nn.Module):
         self.head.weight = self.embed.weight  # tied, as tie_word_embeddings does
 
 
+def _random_bf16(model: M) -> M:
+    """`model` in bf16 with every parameter drawn from N(0, 1) (seeded)."""
+    torch.manual_seed(0)
+    model = model.to(torch.bfloat16)
+    for p in model.parameters():
+        nn.init.normal_(p)
+    return model
+
+
 @pytest.mark.parametrize("layout", ["best", "onednn"])
 def test_packed_layers_match_f_linear_and_release_weights(layout: str,
                                                           monkeypatch: pytest.MonkeyPatch
@@ -41,10 +54,7 @@ def test_packed_layers_match_f_linear_and_release_weights(layout: str,
         if not linear.onednn_packing():
             pytest.skip("this torch build has no oneDNN packed linear kernels")
         monkeypatch.setattr(linear, "bf16_blocks_native", lambda: False)
-    torch.manual_seed(0)
-    model = Tiny().to(torch.bfloat16)
-    for p in model.parameters():
-        nn.init.normal_(p)
+    model = _random_bf16(Tiny())
     x = torch.randn(5, 3, 64, dtype=torch.bfloat16)  # any leading shape
     want = {name: F.linear(x, m.weight, m.bias) for name, m in
             (("qkv", model.qkv), ("out", model.out), ("head", model.head))}
@@ -110,10 +120,7 @@ def test_many_rows_modules_take_onednn_where_it_wins(onednn_wins: bool,
     if onednn_wins and not linear.onednn_packing():
         pytest.skip("this torch build has no oneDNN packed linear kernels")
     monkeypatch.setattr(linear, "onednn_for_many_rows", lambda: onednn_wins)
-    torch.manual_seed(0)
-    model = WithTower().to(torch.bfloat16)
-    for p in model.parameters():
-        nn.init.normal_(p)
+    model = _random_bf16(WithTower())
     x = torch.randn(300, 64, dtype=torch.bfloat16)
     want = F.linear(x, model.tower.proj.weight, model.tower.proj.bias)
     assert pack_linear_weights(model) == 2
