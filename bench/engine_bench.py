@@ -33,7 +33,6 @@ with the command and machine in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import statistics
@@ -68,6 +67,8 @@ from workloads import (
     sample_bandwidth,
     scenario_list,
 )
+
+from glmv.server.launch import freeze_startup_heap
 
 SCENARIOS = ("text", "image", "video", "single")
 
@@ -249,8 +250,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # Both models and their libraries live as long as the run: out of the cyclic collector's
     # reach, as `glmv serve` does at start-up, so that a full collection (a pause of tens of
     # ms over this heap) does not land inside one side's timings and not the other's.
-    gc.collect()
-    gc.freeze()
+    freeze_startup_heap()
     config = glmv.engine.config
     per_token = {side.name: bytes_read_per_token(config) for side in sides}
     per_token["glmv"] = bytes_read_per_token(config, quantization=args.quantization)
