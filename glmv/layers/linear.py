@@ -20,6 +20,7 @@ from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.errors import ConfigError
 from glmv.kernels import get_ops
 from glmv.kernels.memory import huge_page_copy
+from glmv.layers.activation import silu_and_mul
 
 
 class ShapeMismatch(ValueError):
@@ -52,9 +53,18 @@ class Linear(nn.Module):
         # The weight in a kernel's layout, replacing the plain one (pack_linear_weights, or
         # int8 rows and scales for --quantization int8); None = plain F.linear.
         self.packed: PackedWeight | None = None
+        # A [gate | up] projection that GatedMLP reads through `swiglu`: packed in SwiGLU
+        # pairs where the layout allows, so that silu(gate) * up comes out of one pass.
+        self.swiglu_pairs = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._product(x, self.bias)
+
+    def swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this [gate | up] projection of x, [..., out_features / 2]."""
+        if isinstance(self.packed, Bf16Blocks) and self.packed.swiglu:
+            return self.packed.apply_swiglu(x)
+        return silu_and_mul(self(x))
 
     def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is not None:  # it keeps its own copy of the bias
@@ -150,6 +160,26 @@ def lane_rows(blocks: torch.Tensor, out_features: int, in_features: int) -> torc
     return rows[:out_features, :in_features]
 
 
+def swiglu_order(values: torch.Tensor) -> torch.Tensor:
+    """Rows (or entries) of a [gate | up] projection, 2 I of them, in the order of SwiGLU pairs:
+    each half padded with zeros to Ip (16 I / 16 rounded up), then 16 gate rows, the same 16 up
+    rows, the next 16 gate rows... (`Bf16Blocks.pack(..., swiglu=True)`)."""
+    width = values.shape[0] // 2
+    padded = -(-width // LANES) * LANES
+    halves = values.new_zeros(2, padded, *values.shape[1:])
+    halves[:, :width] = values.view(2, width, *values.shape[1:])
+    return halves.view(2, padded // LANES, LANES, *values.shape[1:]).transpose(0, 1).reshape(
+        2 * padded, *values.shape[1:])
+
+
+def gate_up_order(values: torch.Tensor, width: int) -> torch.Tensor:
+    """`swiglu_order` undone along the last dimension: [..., 2 Ip] -> [..., 2 I]."""
+    pairs = values.shape[-1] // (2 * LANES)
+    halves = values.reshape(*values.shape[:-1], pairs, 2, LANES).transpose(-3, -2)
+    return halves.reshape(*values.shape[:-1], 2, pairs * LANES)[..., :width].reshape(
+        *values.shape[:-1], 2 * width)
+
+
 def pad_channels(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     """A per-channel vector padded to `size` (the blocks' Np) with `fill`."""
     out = values.new_full((size,), fill)
@@ -172,16 +202,29 @@ class Bf16Blocks:
     bias: torch.Tensor | None  # float32 [Np]
     in_features: int  # K
     out_features: int  # N
+    # A [gate | up] projection with its channels in SwiGLU pairs (swiglu_order), so that one
+    # pass gives silu(gate) * up (`apply_swiglu`); `apply` still gives [gate | up].
+    swiglu: bool = False
 
     @classmethod
-    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> Bf16Blocks:
-        blocks = lane_blocks(weight.detach(), BF16_PAIR)
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None,
+             swiglu: bool = False) -> Bf16Blocks:
+        weight = weight.detach()
+        out_features, in_features = weight.shape
+        bias = None if bias is None else bias.detach().float()
+        if swiglu:
+            weight = swiglu_order(weight)
+            bias = None if bias is None else swiglu_order(bias)
+        blocks = lane_blocks(weight, BF16_PAIR)
         np_ = blocks.shape[0] * LANES
-        fbias = None if bias is None else pad_channels(bias.detach().float(), np_, 0.0)
-        return cls(blocks, fbias, weight.shape[1], weight.shape[0])
+        fbias = None if bias is None else pad_channels(bias, np_, 0.0)
+        return cls(blocks, fbias, in_features, out_features, swiglu)
 
     def rows(self) -> torch.Tensor:
         """The weight as rows again, [N, K]."""
+        if self.swiglu:
+            rows = lane_rows(self.blocks, self.blocks.shape[0] * LANES, self.in_features)
+            return gate_up_order(rows.t(), self.out_features // 2).t()
         return lane_rows(self.blocks, self.out_features, self.in_features)
 
     def kernel_args(self) -> list[torch.Tensor | None]:
@@ -191,12 +234,31 @@ class Bf16Blocks:
         rows = x.reshape(-1, self.in_features)
         bias = self.bias if with_bias else None
         ops = get_ops()
-        if ops is not None:
-            y = ops.bf16_linear(rows, self.blocks, bias, self.out_features)
-        else:  # no glmv kernels in this process (blocks made by hand): the same product
+        if ops is None:  # no glmv kernels in this process (blocks made by hand): the same product
             y = F.linear(rows, self.rows(), None if bias is None
-                         else bias[:self.out_features].to(rows.dtype))
+                         else self._logical_bias(bias).to(rows.dtype))
+        elif self.swiglu:
+            interleaved = ops.bf16_linear(rows, self.blocks, bias, self.blocks.shape[0] * LANES)
+            y = gate_up_order(interleaved, self.out_features // 2)
+        else:
+            y = ops.bf16_linear(rows, self.blocks, bias, self.out_features)
         return y.view(*x.shape[:-1], self.out_features)
+
+    def apply_swiglu(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a `swiglu` projection, x [..., K] -> [..., N / 2]: the same bits
+        as silu_and_mul(apply(x)), in one pass that never writes [gate | up] out."""
+        width = self.out_features // 2
+        ops = get_ops()
+        if ops is None:
+            return silu_and_mul(self.apply(x))
+        y = ops.bf16_linear_swiglu(x.reshape(-1, self.in_features), self.blocks, self.bias,
+                                   width)
+        return y.view(*x.shape[:-1], width)
+
+    def _logical_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        if self.swiglu:
+            return gate_up_order(bias, self.out_features // 2)
+        return bias[:self.out_features]
 
 
 #: Batch size oneDNN tunes the packed layout for (decode batches; prefill is compute-bound).
@@ -259,13 +321,14 @@ def onednn_for_many_rows() -> bool:
 
 
 def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
-                many_rows: bool = False) -> PackedWeight:
+                many_rows: bool = False, swiglu: bool = False) -> PackedWeight:
     """`weight` (bf16 on CPU, `can_pack`) in the layout of the best product this machine has
-    for its layer: `many_rows` for a layer that never multiplies decode-sized batches."""
+    for its layer: `many_rows` for a layer that never multiplies decode-sized batches;
+    `swiglu` for a [gate | up] projection (in SwiGLU pairs where glmv's blocks take it)."""
     if many_rows and onednn_for_many_rows():
         return OneDnnWeight.pack(weight, bias, MANY_ROWS_BATCH_HINT)
     if bf16_blocks_native():
-        return Bf16Blocks.pack(weight, bias)
+        return Bf16Blocks.pack(weight, bias, swiglu=swiglu and weight.shape[0] % 2 == 0)
     return OneDnnWeight.pack(weight, bias)
 
 
@@ -294,7 +357,8 @@ def pack_linear_weights(model: nn.Module) -> int:
         if not can_pack(weight):
             continue
         module.packed = pack_weight(weight, module.bias,
-                                    many_rows=name.startswith(many_rows_prefixes))
+                                    many_rows=name.startswith(many_rows_prefixes),
+                                    swiglu=module.swiglu_pairs)
         if uses[id(weight)] == 1:
             weight.data = torch.empty(0, dtype=weight.dtype)
         count += 1

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from glmv.distributed.parallel_state import TPGroup
-from glmv.layers.activation import silu_and_mul
 from glmv.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 
 
@@ -24,7 +23,8 @@ class GatedMLP(nn.Module):
         # down_proj); whole at size 1.
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [(0, width), (1, width)],
                                                        prepacked=prepacked, tp=tp)
+        self.gate_up_proj.swiglu_pairs = True
         self.down_proj = RowParallelLinear(width, hidden_size, tp=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.swiglu(x))

@@ -24,7 +24,7 @@ from glmv.config import ModelConfig, TextConfig
 from glmv.kernels import cpu_ops
 from glmv.layers.attention import Attention
 from glmv.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from glmv.layers.linear import PackedWeight, QKVParallelLinear, RowParallelLinear
+from glmv.layers.linear import Bf16Blocks, PackedWeight, QKVParallelLinear, RowParallelLinear
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm, add_rms_norm, norm_add
 from glmv.layers.rotary import MRotaryEmbedding
@@ -87,6 +87,12 @@ class Glm4vTextAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
+#: decode_layer's arguments for one layer: norms, products, widths, heads, and whether gate_up
+#: is in SwiGLU pairs.
+DecodeKernelArgs = tuple[list[torch.Tensor], list[list[torch.Tensor | None]], list[int],
+                         list[int], bool]
+
+
 class Glm4vTextDecoderLayer(nn.Module):
     """Attention and MLP, each wrapped in a pre-norm and a post-norm (GLM-4-0414)."""
 
@@ -101,8 +107,7 @@ class Glm4vTextDecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
         # decode_layer's arguments, made once for the packed weights they were made from
         self._kernel_key: tuple[PackedWeight | None, ...] | None = None
-        self._kernel_cached: tuple[list[torch.Tensor], list[list[torch.Tensor | None]],
-                                   list[int], list[int]] | None = None
+        self._kernel_cached: DecodeKernelArgs | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -133,16 +138,15 @@ class Glm4vTextDecoderLayer(nn.Module):
         args = self._kernel_args()
         if args is None:
             return None
-        norms, products, widths, heads = args
+        norms, products, widths, heads, swiglu = args
         return ops.decode_layer(x, norms, *products, widths, *rope, rotary.interleaved, heads,
                                 cache, meta.slot_mapping, meta.block_tables, batch.seq_idx,
                                 batch.token_idx, batch.seq_lens, attn.scale,
-                                self.input_layernorm.eps)
+                                self.input_layernorm.eps, swiglu)
 
-    def _kernel_args(self) -> tuple[list[torch.Tensor], list[list[torch.Tensor | None]],
-                                    list[int], list[int]] | None:
-        """decode_layer's weights (norms, products, widths, heads), or None where the layer
-        does not fit it: a product without glmv's blocks, tensor parallelism (the row-parallel
+    def _kernel_args(self) -> DecodeKernelArgs | None:
+        """decode_layer's weights (norms, products, widths, heads, swiglu), or None where the
+        layer does not fit it: a product without glmv's blocks, tensor parallelism (the row-parallel
         products all-reduce), norms of other dtypes or epsilons, another attention backend."""
         attention, mlp = self.self_attn, self.mlp
         linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
@@ -161,10 +165,14 @@ class Glm4vTextDecoderLayer(nn.Module):
                 or any(n.eps != norms[0].eps or n.weight.dtype is not torch.bfloat16
                        for n in norms)):
             return None
+        # gate_up in SwiGLU pairs: one pass gives the activation, the MLP's width wide
+        swiglu = isinstance(key[2], Bf16Blocks) and key[2].swiglu
+        widths = [linear.packed.out_features for linear in linears]  # type: ignore[union-attr]
+        if swiglu:
+            widths[2] //= 2
         self._kernel_cached = (
-            [n.weight for n in norms], products,
-            [linear.packed.out_features for linear in linears],  # type: ignore[union-attr]
-            [attention.num_heads, attention.num_kv_heads, attention.head_dim])
+            [n.weight for n in norms], products, widths,
+            [attention.num_heads, attention.num_kv_heads, attention.head_dim], swiglu)
         return self._kernel_cached
 
 

@@ -438,6 +438,28 @@ def test_bf16_linear_over_panels_and_row_buffers(product_path: str) -> None:
                               x.double().abs() @ w.double().abs().t())
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 300])
+@pytest.mark.parametrize("width,k", [(40, 64), (64, 1024)])
+def test_bf16_linear_swiglu_is_silu_and_mul_of_the_product(m: int, width: int, k: int,
+                                                            product_path: str) -> None:
+    """One pass over SwiGLU pairs gives the same bits as silu_and_mul over the [gate | up]
+    product, on every path (one row, AVX512 blocks, AMX tiles, K in stretches)."""
+    from glmv.layers.linear import Bf16Blocks
+
+    if not ops.bf16_linear_native():
+        pytest.skip("SwiGLU pairs run on AVX512-BF16 only (the plain loops have no such pass)")
+    x, w = _bf16(m, k, seed=m), _bf16(2 * width, k, seed=width)
+    bias = torch.randn(2 * width, generator=torch.Generator().manual_seed(5))
+    for b in (None, bias):
+        usual, pairs = Bf16Blocks.pack(w, b), Bf16Blocks.pack(w, b, swiglu=True)
+        want = ops.silu_and_mul(ops.bf16_linear(x, usual.blocks, usual.bias, 2 * width))
+        got = ops.bf16_linear_swiglu(x, pairs.blocks, pairs.bias, width)
+        assert got.shape == (m, width)
+        assert torch.equal(got, want)
+    with pytest.raises(RuntimeError, match="gate/up pairs"):
+        ops.bf16_linear_swiglu(x, pairs.blocks, None, 2 * width)
+
+
 def test_bf16_linear_rejects_blocks_of_another_shape() -> None:
     w = _bf16(32, 64)
     with pytest.raises(RuntimeError, match="must cover K"):

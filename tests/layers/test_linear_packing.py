@@ -128,3 +128,49 @@ def test_many_rows_modules_take_onednn_where_it_wins(onednn_wins: bool,
     assert isinstance(model.tower.proj.packed, OneDnnWeight if onednn_wins else usual)
     assert isinstance(model.head.packed, usual)
     torch.testing.assert_close(model.tower.proj(x).float(), want.float(), rtol=1e-2, atol=5e-2)
+
+
+def test_swiglu_blocks_pair_gate_and_up_channels() -> None:
+    """A [gate | up] weight in SwiGLU pairs: each half padded to whole blocks, blocks
+    alternating gate, up; the rows, the product and its bias come back in [gate | up] order."""
+    width, k = 21, 19  # 21 channels: one whole block and a padded one per half
+    w = torch.randn(2 * width, k).bfloat16()
+    b = torch.randn(2 * width)
+    packed = Bf16Blocks.pack(w, b, swiglu=True)
+    assert packed.swiglu and packed.out_features == 2 * width
+    assert packed.blocks.shape == (4, 16, 16, 2)
+    blocks = packed.blocks.transpose(1, 2).reshape(4, 16, 32)[:, :, :k]
+    assert torch.equal(blocks[0], w[:16]) and torch.equal(blocks[1], w[width:width + 16])
+    assert torch.equal(blocks[2, :5], w[16:width]) and not blocks[2, 5:].any()
+    assert torch.equal(blocks[3, :5], w[width + 16:]) and not blocks[3, 5:].any()
+    assert packed.bias is not None
+    assert torch.equal(packed.bias[16:32], b[width:width + 16])
+    assert torch.equal(packed.rows(), w)
+    x = torch.randn(3, k).bfloat16()
+    plain = Bf16Blocks.pack(w, b)
+    if linear.bf16_blocks_native():
+        assert torch.equal(packed.apply(x), plain.apply(x))
+    torch.testing.assert_close(packed.apply(x).float(), F.linear(x, w, b.bfloat16()).float(),
+                               rtol=1e-2, atol=5e-2)
+
+
+@pytest.mark.skipif(not linear.bf16_blocks_native(),
+                    reason="SwiGLU pairs are glmv's bf16 blocks (AVX512-BF16)")
+def test_gated_mlp_packs_gate_up_in_swiglu_pairs() -> None:
+    """GatedMLP's gate_up takes SwiGLU pairs: its output is silu(gate) * up of one pass, bit
+    for bit what silu_and_mul gives over the [gate | up] product of the usual blocks."""
+    from glmv.layers.activation import silu_and_mul
+    from glmv.layers.mlp import GatedMLP
+
+    mlp = _random_bf16(GatedMLP(64, 40))
+    gate_up, down = mlp.gate_up_proj.weight.detach().clone(), mlp.down_proj.weight.detach()
+    x = torch.randn(2, 5, 64, dtype=torch.bfloat16)
+    assert pack_linear_weights(mlp) == 2
+    packed = mlp.gate_up_proj.packed
+    assert isinstance(packed, Bf16Blocks) and packed.swiglu
+    usual = Bf16Blocks.pack(gate_up, None)
+    act = silu_and_mul(usual.apply(x))
+    assert torch.equal(mlp.gate_up_proj.swiglu(x), act)
+    assert torch.equal(mlp(x), mlp.down_proj(act))
+    torch.testing.assert_close(mlp(x).float(), F.linear(act, down).float(), rtol=1e-2,
+                               atol=5e-2)

@@ -62,3 +62,30 @@ def test_plain_weights_keep_the_layer_op_by_op(tiny_checkpoint: Any) -> None:
     model = load_model(ckpt, dtype=torch.float32, progress=False)
     layer = model.model.language_model.layers[0]
     assert layer._kernel_args() is None
+
+
+def test_swiglu_pairs_give_the_bits_of_gate_up_then_silu(tiny_checkpoint: Any,
+                                                         monkeypatch: pytest.MonkeyPatch
+                                                         ) -> None:
+    """The decoder's gate_up is packed in SwiGLU pairs (silu(gate) * up out of one pass, in
+    prefill and in decode_layer); with the usual [gate | up] blocks and silu_and_mul after
+    them the engine's tokens and logprobs are the same bits."""
+    from glmv.layers.linear import Bf16Blocks, pack_linear_weights
+
+    ckpt = tiny_checkpoint("glm-4.6v-flash")
+    processor = MultiModalProcessor.from_pretrained(ckpt)
+    model = load_model(ckpt, dtype=torch.bfloat16, progress=False)
+    pack_linear_weights(model)  # as the engine's executor does
+    layers = model.model.language_model.layers
+    assert all(layer.mlp.gate_up_proj.packed.swiglu for layer in layers)
+    assert all(layer._kernel_args()[4] for layer in layers)
+    pairs, _ = _run(processor, model, monkeypatch, fused=True)
+    for layer in layers:
+        packed = layer.mlp.gate_up_proj.packed
+        layer.mlp.gate_up_proj.packed = Bf16Blocks.pack(packed.rows(), None)
+    assert not any(layer._kernel_args()[4] for layer in layers)
+    usual, calls = _run(processor, model, monkeypatch, fused=True)
+    assert calls == 5 * model.config.text.num_hidden_layers
+    for a, b in zip(pairs, usual, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert a.outputs[0].logprobs == b.outputs[0].logprobs

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -357,6 +358,19 @@ at::Tensor norm_add(const at::Tensor& x, const at::Tensor& residual, const at::T
   return h;
 }
 
+#if defined(__AVX512BF16__)
+// bf16(bf16(silu(g)) * u) on 16 lanes of bf16 values g, u (held as fp32), as silu_and_mul
+// rounds: exp512 is exp_approx's polynomial with fused multiply-adds.
+inline __m256i swiglu16(__m512 gv, __m512 uv) {
+  const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+  const __m256bh sb =
+      _mm512_cvtneps_pbh(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+  const __m512 sv =
+      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)sb), 16));
+  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, uv));
+}
+#endif
+
 // x [rows, 2 I] (gate | up) -> bf16(bf16(silu(gate)) * up), as F.silu(gate) * up rounds.
 at::Tensor silu_and_mul(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 2 == 0, "x must be [rows, 2 * width]");
@@ -378,17 +392,9 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       uint16_t* o = op + r * width;
       int64_t i = c0;
 #if defined(__AVX512BF16__)
-      // the same steps 16 at a time (exp512: exp_approx's polynomial with fused multiply-adds)
-      for (; i + 16 <= c1; i += 16) {
-        const __m512 gv = load_bf16x16(g + i);
-        const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        const __m256bh sb = _mm512_cvtneps_pbh(
-            _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-        const __m512 sv = _mm512_castsi512_ps(
-            _mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)sb), 16));
+      for (; i + 16 <= c1; i += 16)  // the same steps 16 at a time
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
-                            (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, load_bf16x16(u + i))));
-      }
+                            swiglu16(load_bf16x16(g + i), load_bf16x16(u + i)));
 #endif
       for (; i < c1; ++i) {
         float gv = bf2f(g[i]);
@@ -804,6 +810,9 @@ struct Bf16Args {
   const float* bias;   // [Np] or null
   uint16_t* y;         // [M, n]
   int64_t kp, n, xs;   // xs: Kp plus 32 elements, so that a block's rows do not share L1 sets
+  // SwiGLU weights (glmv.layers.linear.swiglu_blocks): each pair of blocks is 16 gate and
+  // the same 16 up channels, and y [M, n] is bf16(bf16(silu(gate)) * up), n channels wide.
+  bool swiglu = false;
 };
 
 #if defined(__AVX512BF16__)
@@ -823,10 +832,41 @@ struct Bf16Epilogue {
   }
 };
 
+// The epilogue of a SwiGLU pair of blocks (gate then up channels 16 q .. 16 q + 15): a row's
+// two fp32 sums plus their biases, each rounded to bf16 as the product rounds it, then
+// silu(gate) * up as silu_and_mul rounds it.
+struct SwigluEpilogue {
+  const Bf16Args& a;
+  int64_t n;
+  __mmask16 keep;
+  __m512 gate_bias, up_bias;
+  SwigluEpilogue(const Bf16Args& args, int64_t pair)
+      : a(args), n(pair * kLaneChannels), keep(channel_mask(n, args.n)),
+        gate_bias(bias_at(args, 2 * n)), up_bias(bias_at(args, 2 * n + kLaneChannels)) {}
+  static __m512 bias_at(const Bf16Args& args, int64_t c) {
+    return args.bias != nullptr ? _mm512_loadu_ps(args.bias + c) : _mm512_setzero_ps();
+  }
+  static __m512 rounded(__m512 sums, __m512 bias) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias))), 16));
+  }
+  void store(__m512 gate, __m512 up, int64_t m) const {
+    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep,
+                             swiglu16(rounded(gate, gate_bias), rounded(up, up_bias)));
+  }
+};
+
 template <int MB, int NB>
 void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
   __m512 acc[MB][NB];
   LaneAccumulate<Bf16Dot, MB, NB>::run(a, m0, nb0, acc);
+  if constexpr (NB == 2) {
+    if (a.swiglu) {
+      const SwigluEpilogue out(a, nb0 / 2);
+      for (int i = 0; i < MB; ++i) out.store(acc[i][0], acc[i][1], m0 + i);
+      return;
+    }
+  }
   for (int j = 0; j < NB; ++j) {
     const int64_t n = (nb0 + j) * kLaneChannels;
     if (n >= a.n) break;
@@ -839,6 +879,7 @@ constexpr bool kBf16Linear = true;
 template <int MB, int NB>
 void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
   const int64_t pairs = a.kp / kBf16Group;
+  TORCH_CHECK(!a.swiglu, "glmv: SwiGLU products need AVX512-BF16");
   for (int j = 0; j < NB; ++j) {
     const uint16_t* wb = a.w + (nb0 + j) * pairs * 32;
     for (int64_t lane = 0; lane < kLaneChannels; ++lane) {
@@ -1022,6 +1063,15 @@ template <> struct AmxTraits<Int8Args> {
 template <int MT, int NT, class A, class Sum>
 void finish_tiles(const A& a, const Sum* acc, int64_t m, int64_t m0, int64_t nb0) {
   const int64_t rows = std::min<int64_t>(m - m0, MT * kTileRows);
+  if constexpr (std::is_same_v<A, Bf16Args> && NT == 2) {
+    if (a.swiglu) {  // row i's gate sums at acc + i * 32, its up sums 16 further
+      const SwigluEpilogue out(a, nb0 / 2);
+      for (int64_t i = 0; i < rows; ++i) {
+        out.store(_mm512_loadu_ps(acc + i * 32), _mm512_loadu_ps(acc + i * 32 + 16), m0 + i);
+      }
+      return;
+    }
+  }
   for (int j = 0; j < NT; ++j) {
     const int64_t r0 = std::min<int64_t>(rows, kTileRows);
     finish_block(a, acc + j * 16, m0, r0, nb0 + j);
@@ -1269,8 +1319,12 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 bool int8_vnni() { return kVnniKernel; }
 
-at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
-                       const c10::optional<at::Tensor>& bias, int64_t out_features) {
+// y = x W^T + b, or with `swiglu` (W and b as glmv.layers.linear.swiglu_blocks lays out a
+// [gate | up] projection of out_features channels each) y = silu(gate) * up in one pass, the
+// same bits as silu_and_mul over the [gate | up] product.
+at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
+                        const c10::optional<at::Tensor>& bias, int64_t out_features,
+                        bool swiglu) {
   check_bf16(x, "x");
   check_bf16(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "bf16_linear: x must be [M, K], rows contiguous");
@@ -1281,7 +1335,13 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
   const int64_t n = out_features, np = nblocks * kLaneChannels;
   TORCH_CHECK(kp >= k && kp - k < kBf16Group * kLaneChannels && kp % (kBf16Group * kLaneChannels) == 0,
               "bf16_linear: w's blocks must cover K = ", k, " in whole tiles of 32 inputs");
-  TORCH_CHECK(np >= n && np - n < kLaneChannels, "bf16_linear: w's blocks must cover N = ", n);
+  if (swiglu) {
+    TORCH_CHECK(kBf16Linear, "bf16_linear_swiglu: needs AVX512-BF16");
+    TORCH_CHECK(nblocks % 2 == 0 && np / 2 >= n && np / 2 - n < kLaneChannels,
+                "bf16_linear_swiglu: w's blocks must be gate/up pairs covering N = ", n);
+  } else {
+    TORCH_CHECK(np >= n && np - n < kLaneChannels, "bf16_linear: w's blocks must cover N = ", n);
+  }
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == np && bias->is_contiguous(),
                 "bf16_linear: bias must be a contiguous float32 [Np] vector");
@@ -1309,13 +1369,23 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
     });
   }
   const Bf16Args a{dst, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
-                   mbits(y), kp, n, xs};
+                   mbits(y), kp, n, xs, swiglu};
   if (amx) {
     amx_product(a, m, nblocks);
   } else {
     lane_product(a, m, nblocks);
   }
   return y;
+}
+
+at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
+                       const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  return bf16_product(x, w, bias, out_features, false);
+}
+
+at::Tensor bf16_linear_swiglu(const at::Tensor& x, const at::Tensor& w,
+                              const c10::optional<at::Tensor>& bias, int64_t out_features) {
+  return bf16_product(x, w, bias, out_features, true);
 }
 
 bool bf16_linear_native() { return kBf16Linear; }
@@ -2174,6 +2244,8 @@ at::Tensor packed_product(const at::Tensor& x, const c10::List<c10::optional<at:
 // norms: input, post_self_attn, post_attention, post_mlp weights; products: qkv, o, gate_up,
 // down as packed_product takes them; out_features of each; heads: query heads, KV heads,
 // head_dim. The decode rows of seq_idx/token_idx/seq_lens must cover every token of x.
+// swiglu: gate_up holds SwiGLU pairs of bf16 blocks (bf16_linear_swiglu), its out_features
+// the MLP's width.
 at::Tensor decode_layer(const at::Tensor& x, at::TensorList norms,
                         const c10::List<c10::optional<at::Tensor>>& qkv,
                         const c10::List<c10::optional<at::Tensor>>& o,
@@ -2183,7 +2255,7 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList norms,
                         bool interleaved, at::IntArrayRef heads, const at::Tensor& kv_cache,
                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                         const at::Tensor& seq_idx, const at::Tensor& token_idx,
-                        const at::Tensor& seq_lens, double scale, double eps) {
+                        const at::Tensor& seq_lens, double scale, double eps, bool swiglu) {
   TORCH_CHECK(norms.size() == 4 && out_features.size() == 4 && heads.size() == 3,
               "decode_layer: four norms, four out_features, (heads, kv_heads, head_dim)");
   const int64_t n = x.size(0), nh = heads[0], nkv = heads[1], d = heads[2];
@@ -2200,7 +2272,14 @@ at::Tensor decode_layer(const at::Tensor& x, at::TensorList norms,
   paged_decode_attention(attn, q, kv_cache, block_tables, seq_idx, token_idx, seq_lens, scale);
   const at::Tensor projected = packed_product(attn.view({n, nh * d}), o, out_features[1]);
   auto [h, normed_h] = add_rms_norm(projected, x, norms[1], norms[2], eps);
-  const at::Tensor act = silu_and_mul(packed_product(normed_h, gate_up, out_features[2]));
+  at::Tensor act;
+  if (swiglu) {
+    TORCH_CHECK(gate_up.size() == 2 && gate_up.get(0).has_value(),
+                "decode_layer: SwiGLU pairs are bf16 blocks [blocks, bias]");
+    act = bf16_linear_swiglu(normed_h, *gate_up.get(0), gate_up.get(1), out_features[2]);
+  } else {
+    act = silu_and_mul(packed_product(normed_h, gate_up, out_features[2]));
+  }
   return norm_add(packed_product(act, down, out_features[3]), h, norms[3], eps);
 }
 
@@ -2220,6 +2299,7 @@ TORCH_LIBRARY(glmv, m) {
         " int out_features) -> Tensor");
   m.def("int8_vnni() -> bool", &int8_vnni);  // whether int8_linear has its VNNI kernel
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
+  m.def("bf16_linear_swiglu(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
   m.def("bf16_linear_native() -> bool", &bf16_linear_native);  // whether it runs on vdpbf16ps
   m.def("linear_amx() -> bool", &linear_amx);  // whether the products can run on AMX tiles
   m.def("linear_amx_rows(int bf16, int int8) -> int[]", &linear_amx_rows);  // AMX from these rows
@@ -2230,7 +2310,8 @@ TORCH_LIBRARY(glmv, m) {
   m.def("decode_layer(Tensor x, Tensor[] norms, Tensor?[] qkv, Tensor?[] o, Tensor?[] gate_up,"
         " Tensor?[] down, int[] out_features, Tensor cos, Tensor sin, bool interleaved,"
         " int[] heads, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_tables,"
-        " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale, float eps) -> Tensor");
+        " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale, float eps,"
+        " bool swiglu=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmv, CPU, m) {
@@ -2243,6 +2324,7 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("bf16_linear_swiglu", &bf16_linear_swiglu);
   m.impl("varlen_attention", &varlen_attention);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("decode_layer", &decode_layer);
