@@ -8,7 +8,7 @@ from torch import nn
 
 from glmv.checkpoint import LoadedTensor
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
-from glmv.layers.linear import ColumnParallelLinear, ShapeMismatch, copy_checked
+from glmv.layers.linear import Bf16Blocks, ColumnParallelLinear, ShapeMismatch, copy_checked
 
 
 class VocabEmbedding(nn.Module):
@@ -90,3 +90,19 @@ class ParallelLMHead(ColumnParallelLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = super().forward(x)
         return logits if logits.shape[-1] == self.vocab_size else logits[..., :self.vocab_size]
+
+    @property
+    def chooses_greedy(self) -> bool:
+        """Whether `greedy` can pick tokens without the logits: a whole head (one rank) in
+        glmv's bf16 blocks."""
+        return self.tp.size == 1 and isinstance(self.packed, Bf16Blocks) and not self.packed.swiglu
+
+    def greedy(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, hidden] -> int64 [M]: each row's argmax token, as torch.argmax of forward(x)
+        gives it (first of equals, NaN first); straight from the product where
+        `chooses_greedy` (an LM head's [M, vocab] logits are megabytes a step to write and
+        read back), else from the logits."""
+        if self.chooses_greedy:
+            assert isinstance(self.packed, Bf16Blocks)
+            return self.packed.argmax(x, self.vocab_size)
+        return self(x).float().argmax(dim=-1)

@@ -255,6 +255,15 @@ class Bf16Blocks:
                                    width)
         return y.view(*x.shape[:-1], width)
 
+    def argmax(self, x: torch.Tensor, out_features: int) -> torch.Tensor:
+        """The index of each row's largest output among the first `out_features` (no bias),
+        x [M, K] -> int64 [M]: torch.argmax of `apply(x)`'s bf16 values (first of equals, a NaN
+        first), without writing the outputs out (an LM head's greedy tokens)."""
+        ops = get_ops()
+        if ops is None or self.swiglu:
+            return self.apply(x, with_bias=False)[:, :out_features].float().argmax(dim=-1)
+        return ops.bf16_linear_argmax(x, self.blocks, out_features)
+
     def _logical_bias(self, bias: torch.Tensor) -> torch.Tensor:
         if self.swiglu:
             return gate_up_order(bias, self.out_features // 2)

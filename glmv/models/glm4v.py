@@ -258,6 +258,11 @@ class Glm4vForConditionalGeneration(nn.Module):
         """hidden [M, hidden] (usually the last token of each sequence) -> [M, vocab]."""
         return self.lm_head(hidden)
 
+    def greedy_tokens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [M, hidden] -> int64 [M]: the argmax of compute_logits(hidden), row by row
+        (without the logits where the LM head can: ParallelLMHead.greedy)."""
+        return self.lm_head.greedy(hidden)
+
     @property
     def num_kv_heads(self) -> int:
         """KV heads this rank holds (its share under tensor parallelism): the KV cache's width."""

@@ -63,16 +63,25 @@ class ModelExecutor:
         """[P, patch_dim] -> [P / merge^2, hidden] in the model's dtype."""
         return self.model.encode_vision(pixels.to(self.device), grids)
 
+    @property
+    def greedy_without_logits(self) -> bool:
+        """Whether forward(..., greedy=True) picks tokens straight from the LM head's product
+        (no [rows, vocab] logits written and read back)."""
+        return bool(self.model.lm_head.chooses_greedy)
+
     @torch.inference_mode()
-    def forward(self, chunks: list[SeqChunk], logit_chunks: Sequence[int]) -> torch.Tensor:
+    def forward(self, chunks: list[SeqChunk], logit_chunks: Sequence[int],
+                greedy: bool = False) -> torch.Tensor:
         """One forward over all chunks; logits [len(logit_chunks), vocab] of those chunks' last
-        tokens, in the model's dtype."""
+        tokens, in the model's dtype; with `greedy`, each of those rows' argmax token instead
+        (int64 [len(logit_chunks)]: Glm4vForConditionalGeneration.greedy_tokens)."""
         self._bind()
         step = build_step_inputs(chunks, self.cache_spec.block_size, self.device)
         embeds = self.model.embed_with_vision(step.input_ids, step.vision_embeds,
                                               step.vision_mask)
         hidden = self.model(embeds, step.positions, step.meta)
-        return self.model.compute_logits(hidden[step.last_token_idx[list(logit_chunks)]])
+        rows = hidden[step.last_token_idx[list(logit_chunks)]]
+        return self.model.greedy_tokens(rows) if greedy else self.model.compute_logits(rows)
 
 
 class StepChannel:

@@ -22,7 +22,7 @@ from glmv.runner.encoder_cache import EncoderCache, VisionInputs
 from glmv.runner.executor import ModelExecutor, StepChannel, portable
 from glmv.runner.input_batch import SeqChunk
 from glmv.runner.kv_cache import KVCacheSpec
-from glmv.runner.sampler import Sampler, SamplingRow, make_generator
+from glmv.runner.sampler import Sampler, SamplingRow, make_generator, needs_only_argmax
 
 
 class ModelRunner:
@@ -87,10 +87,16 @@ class ModelRunner:
         if not sampling:
             self._forward(chunks, [])
             return RunnerOutput(sampled={})
-        logits = self._forward(chunks, sampling)  # [len(sampling), vocab] in the model's dtype
         rows = [self._sampling_row(work.chunks[i]) for i in sampling]
-        out = self.sampler(logits, rows)
         ids = [work.chunks[i].request.request_id for i in sampling]
+        if (self.channel is None and self.executor.greedy_without_logits
+                and needs_only_argmax(rows)):
+            chosen = self.executor.forward(chunks, sampling, greedy=True).tolist()
+            tokens = [t if row.forced_token is None else row.forced_token
+                      for row, t in zip(rows, chosen, strict=True)]
+            return RunnerOutput(sampled=dict(zip(ids, tokens, strict=True)))
+        logits = self._forward(chunks, sampling)  # [len(sampling), vocab] in the model's dtype
+        out = self.sampler(logits, rows)
         logprobs = {rid: lp for rid, lp in zip(ids, out.logprobs, strict=True) if lp is not None}
         return RunnerOutput(sampled=dict(zip(ids, out.token_ids, strict=True)), logprobs=logprobs)
 

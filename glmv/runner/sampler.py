@@ -56,6 +56,14 @@ class SamplingRow:
         return self.params.has_penalties or self.masks_stop_ids
 
 
+def needs_only_argmax(rows: Sequence[SamplingRow]) -> bool:
+    """Whether every row's token is the argmax of its raw logits (greedy, no penalties or
+    min_tokens mask, no logprobs) or forced: then the logits themselves are never needed."""
+    return all(row.params.logprobs is None
+               and (row.forced_token is not None or (row.is_greedy and not row.edits_logits))
+               for row in rows)
+
+
 @dataclass
 class SamplerOutput:
     """The chosen token of every row, and its logprobs where the row's request asked."""

@@ -460,6 +460,30 @@ def test_bf16_linear_swiglu_is_silu_and_mul_of_the_product(m: int, width: int, k
         ops.bf16_linear_swiglu(x, pairs.blocks, None, 2 * width)
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 300])
+@pytest.mark.parametrize("n,k", [(37, 64), (1000, 256)])
+def test_bf16_linear_argmax_is_argmax_rows_of_the_product(m: int, n: int, k: int,
+                                                         product_path: str) -> None:
+    """The greedy choice straight from the product is argmax_rows of the written product on
+    every path: the same sums rounded the same way, the first of equal maxima (rows that
+    tie across lanes, blocks and the threads' shares of the channels), the first NaN."""
+    if not ops.bf16_linear_native():
+        pytest.skip("the fused choice runs on AVX512-BF16 only")
+    x, w = _bf16(m, k, seed=m).abs(), _bf16(n, k, seed=n).abs() * 0.1
+    w[n // 3] = w[n - 2] = w[5] = 1.0  # three equal largest outputs in every row: index 5
+    if m > 2:
+        x[1] = 0.0  # all outputs 0.0: index 0
+        x[2] = -x[2]  # all negative: the padding channels past n (zero) must not count
+    if n > 100:
+        w[3 * n // 4] = float("nan")  # a NaN output in every row, after the maxima
+    blocks = _bf16_blocks(w)
+    want = ops.argmax_rows(ops.bf16_linear(x, blocks, None, n))
+    got = ops.bf16_linear_argmax(x, blocks, n)
+    assert got.dtype == torch.long and got.tolist() == want.tolist()
+    assert want.tolist()[0] == (3 * n // 4 if n > 100 else 5)
+    assert all(0 <= i < n for i in got.tolist())
+
+
 def test_bf16_linear_rejects_blocks_of_another_shape() -> None:
     w = _bf16(32, 64)
     with pytest.raises(RuntimeError, match="must cover K"):

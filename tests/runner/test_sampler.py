@@ -16,6 +16,7 @@ from glmv.runner.sampler import (
     apply_min_p,
     apply_penalties,
     make_generator,
+    needs_only_argmax,
     top_k_top_p_candidates,
 )
 from glmv.sampling_params import SamplingParams
@@ -341,3 +342,16 @@ def test_make_generator() -> None:
     for seed in (0, -1, 2**70):
         generator = make_generator(seed, "cpu")
         assert generator is not None and generator.device.type == "cpu"
+
+
+def test_only_raw_greedy_rows_without_logprobs_skip_the_logits() -> None:
+    """The runner takes such steps' tokens from the LM head without logits; anything that
+    reads or edits the logits keeps them."""
+    greedy = row(temperature=0.0)
+    assert needs_only_argmax([greedy, greedy])
+    assert needs_only_argmax([greedy, row(temperature=0.7, forced=3)])  # thinking budget
+    assert not needs_only_argmax([greedy, row(temperature=0.7)])
+    assert not needs_only_argmax([row(temperature=0.0, logprobs=1)])
+    assert not needs_only_argmax([row(temperature=0.0, forced=3, logprobs=0)])
+    assert not needs_only_argmax([row(temperature=0.0, repetition_penalty=1.2)])
+    assert not needs_only_argmax([row(temperature=0.0, min_tokens=2, stop=(5,))])

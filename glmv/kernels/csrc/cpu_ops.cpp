@@ -804,6 +804,24 @@ constexpr bool kVnniKernel = false;
 
 constexpr int64_t kBf16Group = 2;
 
+// One row's argmax over some channels, as torch.argmax takes it: the largest value, the first
+// index among equal ones, and any NaN before everything (the first NaN).
+struct RowBest {
+  float value = 0.0f;
+  int64_t index = -1;  // -1: no channel seen yet
+  int64_t nan = -1;    // the first NaN's channel, -1: none
+
+  // fold in the channels of `other` (another range of channels, before or after these)
+  void merge(const RowBest& other) {
+    if (other.nan >= 0 && (nan < 0 || other.nan < nan)) nan = other.nan;
+    if (other.index >= 0 && (index < 0 || other.value > value ||
+                             (other.value == value && other.index < index))) {
+      value = other.value;
+      index = other.index;
+    }
+  }
+};
+
 struct Bf16Args {
   const uint16_t* x;   // [M, xs] rows, zero past K
   const uint16_t* w;   // blocks
@@ -813,7 +831,12 @@ struct Bf16Args {
   // SwiGLU weights (glmv.layers.linear.swiglu_blocks): each pair of blocks is 16 gate and
   // the same 16 up channels, and y [M, n] is bf16(bf16(silu(gate)) * up), n channels wide.
   bool swiglu = false;
+  // Greedy choice instead of y: each thread keeps, per row, the index of the largest bf16
+  // value among the channels it multiplies (best[thread * m + row]; y is not written).
+  RowBest* best = nullptr;
+  int64_t m = 0;
 };
+
 
 #if defined(__AVX512BF16__)
 // The bf16 product's epilogue for the 16 channels from n (both kernels, AVX512 and AMX): a
@@ -827,8 +850,27 @@ struct Bf16Epilogue {
       : a(args), n(n0), keep(channel_mask(n0, args.n)),
         bias(args.bias != nullptr ? _mm512_loadu_ps(args.bias + n0) : _mm512_setzero_ps()) {}
   void store(__m512 sums, int64_t m) const {
-    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep,
-                             (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias)));
+    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias));
+    if (a.best != nullptr) {
+      choose(rounded, a.best[int64_t(at::get_thread_num()) * a.m + m]);
+    } else {
+      _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep, rounded);
+    }
+  }
+  // the greedy choice among 16 more channels (from n, after the row's earlier ones)
+  void choose(__m256i rounded, RowBest& b) const {
+    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    const __mmask16 nan = _mm512_mask_cmp_ps_mask(keep, v, v, _CMP_UNORD_Q);
+    if (nan != 0) {
+      if (b.nan < 0) b.nan = n + __builtin_ctz(nan);
+      return;
+    }
+    const float top = _mm512_mask_reduce_max_ps(keep, v);
+    if (b.index < 0 || top > b.value) {
+      const __mmask16 at = _mm512_mask_cmp_ps_mask(keep, v, _mm512_set1_ps(top), _CMP_EQ_OQ);
+      b.value = top;
+      b.index = n + __builtin_ctz(at);
+    }
   }
 };
 
@@ -1322,9 +1364,11 @@ bool int8_vnni() { return kVnniKernel; }
 // y = x W^T + b, or with `swiglu` (W and b as glmv.layers.linear.swiglu_blocks lays out a
 // [gate | up] projection of out_features channels each) y = silu(gate) * up in one pass, the
 // same bits as silu_and_mul over the [gate | up] product.
+// With `best` (at::get_num_threads() * M states), y is not written: each thread's greedy
+// choice among its channels goes there instead.
 at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias, int64_t out_features,
-                        bool swiglu) {
+                        bool swiglu, RowBest* best = nullptr) {
   check_bf16(x, "x");
   check_bf16(w, "w");
   TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "bf16_linear: x must be [M, K], rows contiguous");
@@ -1346,7 +1390,7 @@ at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == np && bias->is_contiguous(),
                 "bf16_linear: bias must be a contiguous float32 [Np] vector");
   }
-  auto y = at::empty({m, n}, x.options());
+  auto y = at::empty({best != nullptr ? 0 : m, n}, x.options());
   if (m == 0) return y;
   const int64_t xs = kp + 32;
   const bool amx = use_amx(m, false);
@@ -1369,7 +1413,7 @@ at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
     });
   }
   const Bf16Args a{dst, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
-                   mbits(y), kp, n, xs, swiglu};
+                   mbits(y), kp, n, xs, swiglu, best, m};
   if (amx) {
     amx_product(a, m, nblocks);
   } else {
@@ -1386,6 +1430,25 @@ at::Tensor bf16_linear(const at::Tensor& x, const at::Tensor& w,
 at::Tensor bf16_linear_swiglu(const at::Tensor& x, const at::Tensor& w,
                               const c10::optional<at::Tensor>& bias, int64_t out_features) {
   return bf16_product(x, w, bias, out_features, true);
+}
+
+// argmax_rows(bf16_linear(x, w, None, out_features)) without writing the product out: the
+// greedy token of each row straight from the LM head (the same index: the same sums, rounded
+// the same way, the same first-of-equals and NaN rules).
+at::Tensor bf16_linear_argmax(const at::Tensor& x, const at::Tensor& w, int64_t out_features) {
+  TORCH_CHECK(kBf16Linear, "bf16_linear_argmax: needs AVX512-BF16");
+  TORCH_CHECK(out_features > 0, "bf16_linear_argmax: no channels to choose from");
+  const int64_t m = x.dim() == 2 ? x.size(0) : 0, threads = at::get_num_threads();
+  std::vector<RowBest> best(threads * std::max<int64_t>(m, 1));
+  bf16_product(x, w, c10::nullopt, out_features, false, best.data());
+  auto out = at::empty({m}, x.options().dtype(at::kLong));
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0; r < m; ++r) {
+    RowBest row;
+    for (int64_t t = 0; t < threads; ++t) row.merge(best[t * m + r]);
+    op[r] = row.nan >= 0 ? row.nan : row.index;
+  }
+  return out;
 }
 
 bool bf16_linear_native() { return kBf16Linear; }
@@ -2300,6 +2363,7 @@ TORCH_LIBRARY(glmv, m) {
   m.def("int8_vnni() -> bool", &int8_vnni);  // whether int8_linear has its VNNI kernel
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
   m.def("bf16_linear_swiglu(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
+  m.def("bf16_linear_argmax(Tensor x, Tensor w, int out_features) -> Tensor");
   m.def("bf16_linear_native() -> bool", &bf16_linear_native);  // whether it runs on vdpbf16ps
   m.def("linear_amx() -> bool", &linear_amx);  // whether the products can run on AMX tiles
   m.def("linear_amx_rows(int bf16, int int8) -> int[]", &linear_amx_rows);  // AMX from these rows
@@ -2325,6 +2389,7 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("int8_linear", &int8_linear);
   m.impl("bf16_linear", &bf16_linear);
   m.impl("bf16_linear_swiglu", &bf16_linear_swiglu);
+  m.impl("bf16_linear_argmax", &bf16_linear_argmax);
   m.impl("varlen_attention", &varlen_attention);
   m.impl("argmax_rows", &argmax_rows);
   m.impl("decode_layer", &decode_layer);
