@@ -1006,12 +1006,13 @@ struct alignas(64) TileConfig {
 
 // tiles 0-3: accumulators (rows 0-15 x block 0, 0-15 x 1, 16-31 x 0, 16-31 x 1); 4, 5: x
 // rows; 6, 7: weight blocks. All 64 bytes wide; accumulators and x `rows` high (fewer than 16
-// for a product of fewer rows), weights 16.
+// for a product of fewer rows), weights 16. Tile 5 is 16 high either way: x rows 16-31 exist
+// only in products of more than 16 rows, and below that amx_quad loads weights into it.
 void load_tile_config(int64_t rows = kTileRows) {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
-    cfg.rows[t] = t < 6 ? uint8_t(rows) : uint8_t(kTileRows);
+    cfg.rows[t] = t < 5 ? uint8_t(rows) : uint8_t(kTileRows);
   }
   _tile_loadconfig(&cfg);
 }
@@ -1130,6 +1131,59 @@ const uint8_t* amx_x_tiles(const A& a, int64_t m0) {
   return reinterpret_cast<const uint8_t*>(a.x) + m0 / kTileRows * steps * 1024;
 }
 
+// Up to 16 rows (a decode batch) x four channel blocks (two pairs) over all of Kp, the sums
+// in tiles 0-3 and the weights through tiles 5-7 (tile 5 again for the fourth block). Such
+// products only stream their weights; each thread reading four blocks' lines at once instead
+// of a pair's two keeps more of them in flight: the 151552-channel LM head at 16 rows 11.6-11.9
+// -> 10.8-11.3 ms, a decoder layer's products 4-5% faster (interleaved runs).
+template <class A>
+void amx_quad(const A& a, int64_t m, int64_t nb0) {
+  using T = AmxTraits<A>;
+  const int64_t kp_bytes = a.kp * T::kElement, steps = kp_bytes / 64;
+  const int64_t bb = kp_bytes * kLaneChannels;  // bytes of one block
+  const uint8_t* x = amx_x_tiles(a, 0);
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(a.w) + nb0 * bb;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    const uint8_t* ahead = w + (s + kAmxPrefetchSteps) * 1024;
+    for (int l = 0; l < 16; ++l)
+      for (int b = 0; b < 4; ++b)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + b * bb + l * 64), _MM_HINT_T0);
+    const uint8_t* ws = w + s * 1024;
+    _tile_loadd(4, x + s * 1024, 64);
+    if constexpr (T::kInt8) {
+      _tile_loadd(5, ws, 64);
+      _tile_dpbusd(0, 4, 5);
+      _tile_loadd(6, ws + bb, 64);
+      _tile_dpbusd(1, 4, 6);
+      _tile_loadd(7, ws + 2 * bb, 64);
+      _tile_dpbusd(2, 4, 7);
+      _tile_loadd(5, ws + 3 * bb, 64);
+      _tile_dpbusd(3, 4, 5);
+    } else {
+      _tile_loadd(5, ws, 64);
+      _tile_dpbf16ps(0, 4, 5);
+      _tile_loadd(6, ws + bb, 64);
+      _tile_dpbf16ps(1, 4, 6);
+      _tile_loadd(7, ws + 2 * bb, 64);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_loadd(5, ws + 3 * bb, 64);
+      _tile_dpbf16ps(3, 4, 5);
+    }
+  }
+  // each pair's sums as store_tiles leaves them: [rows][32], row stride 128 bytes
+  alignas(64) typename T::Sum acc[2][16 * 32];
+  _tile_stored(0, acc[0], 128);
+  _tile_stored(1, acc[0] + 16, 128);
+  _tile_stored(2, acc[1], 128);
+  _tile_stored(3, acc[1] + 16, 128);
+  finish_tiles<1, 2>(a, acc[0], m, 0, nb0);
+  finish_tiles<1, 2>(a, acc[1], m, 0, nb0 + 2);
+}
+
 template <int MT, int NT, class A>
 void amx_block(const A& a, int64_t m, int64_t m0, int64_t nb0) {
   using T = AmxTraits<A>;
@@ -1205,6 +1259,11 @@ void amx_product(const A& a, int64_t m, int64_t nblocks) {
           (reinterpret_cast<uintptr_t>(cbuf_store.data()) + 63) & ~uintptr_t(63));
       load_tile_config(std::min(m, kTileRows));
       for (int64_t q = q0; q < q1; ++q) {
+        if (m <= kTileRows && q + 1 < q1 && 2 * q + 3 < nblocks) {  // two whole pairs
+          amx_quad(a, m, 2 * q);
+          ++q;
+          continue;
+        }
         const bool two = 2 * q + 1 < nblocks;
         if (two && p1 - p0 > 4 * kTileRows && steps > kChunkSteps) {
           amx_pair_chunked(a, m, p0, p1, q, steps, cbuf);
