@@ -98,10 +98,14 @@ inline __m512 exp512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// 16 bf16 values (their bits) widened to fp32
+inline __m512 widen_bf16x16(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
 // 16 bf16 values widened to fp32
 inline __m512 load_bf16x16(const uint16_t* x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))), 16));
+  return widen_bf16x16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
 }
 
 // f2bf on 16 lanes, bit for bit (round to nearest even, NaN -> 0x7fc0; denormals kept, which
@@ -363,10 +367,8 @@ at::Tensor norm_add(const at::Tensor& x, const at::Tensor& residual, const at::T
 // rounds: exp512 is exp_approx's polynomial with fused multiply-adds.
 inline __m256i swiglu16(__m512 gv, __m512 uv) {
   const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-  const __m256bh sb =
-      _mm512_cvtneps_pbh(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-  const __m512 sv =
-      _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)sb), 16));
+  const __m512 sv = widen_bf16x16(
+      (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
   return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, uv));
 }
 #endif
@@ -828,7 +830,7 @@ struct Bf16Args {
   const float* bias;   // [Np] or null
   uint16_t* y;         // [M, n]
   int64_t kp, n, xs;   // xs: Kp plus 32 elements, so that a block's rows do not share L1 sets
-  // SwiGLU weights (glmv.layers.linear.swiglu_blocks): each pair of blocks is 16 gate and
+  // SwiGLU weights (glmv.layers.linear.swiglu_order): each pair of blocks is 16 gate and
   // the same 16 up channels, and y [M, n] is bf16(bf16(silu(gate)) * up), n channels wide.
   bool swiglu = false;
   // Greedy choice instead of y: each thread keeps, per row, the index of the largest bf16
@@ -836,7 +838,6 @@ struct Bf16Args {
   RowBest* best = nullptr;
   int64_t m = 0;
 };
-
 
 #if defined(__AVX512BF16__)
 // The bf16 product's epilogue for the 16 channels from n (both kernels, AVX512 and AMX): a
@@ -859,7 +860,7 @@ struct Bf16Epilogue {
   }
   // the greedy choice among 16 more channels (from n, after the row's earlier ones)
   void choose(__m256i rounded, RowBest& b) const {
-    const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+    const __m512 v = widen_bf16x16(rounded);
     const __mmask16 nan = _mm512_mask_cmp_ps_mask(keep, v, v, _CMP_UNORD_Q);
     if (nan != 0) {
       if (b.nan < 0) b.nan = n + __builtin_ctz(nan);
@@ -889,8 +890,7 @@ struct SwigluEpilogue {
     return args.bias != nullptr ? _mm512_loadu_ps(args.bias + c) : _mm512_setzero_ps();
   }
   static __m512 rounded(__m512 sums, __m512 bias) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias))), 16));
+    return widen_bf16x16((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias)));
   }
   void store(__m512 gate, __m512 up, int64_t m) const {
     _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep,
@@ -1019,6 +1019,17 @@ void load_tile_config(int64_t rows = kTileRows) {
 
 constexpr int64_t kAmxPrefetchSteps = 4;
 
+// accumulator tile c += a . b: int8 (u8 x s8 -> int32) or bf16 (-> fp32). A macro: the tile
+// intrinsics paste their tile numbers into the instruction text, so they must be literals.
+#define GLMV_TILE_DOT(int8, c, a, b) \
+  do {                               \
+    if constexpr (int8) {            \
+      _tile_dpbusd(c, a, b);         \
+    } else {                         \
+      _tile_dpbf16ps(c, a, b);       \
+    }                                \
+  } while (0)
+
 // acc tiles += x rows [m0, m0 + 16 MT) . channel blocks [nb0, nb0 + NT), over all of Kp.
 // B: bytes per tile of one block (16 lines), X: bytes per x element.
 // Steps [s0, s1) of the K stretch; the accumulators start at zero, or from `acc` (a [32][32]
@@ -1053,17 +1064,10 @@ void amx_tiles(const uint8_t* x, int64_t x_next, const uint8_t* w, int64_t block
     _tile_loadd(6, w + s * 1024, 64);
     if (NT > 1) _tile_loadd(7, w1 + s * 1024, 64);
     if (MT > 1) _tile_loadd(5, x1 + s * 1024, 64);
-    if constexpr (Int8) {
-      _tile_dpbusd(0, 4, 6);
-      if (NT > 1) _tile_dpbusd(1, 4, 7);
-      if (MT > 1) _tile_dpbusd(2, 5, 6);
-      if (MT > 1 && NT > 1) _tile_dpbusd(3, 5, 7);
-    } else {
-      _tile_dpbf16ps(0, 4, 6);
-      if (NT > 1) _tile_dpbf16ps(1, 4, 7);
-      if (MT > 1) _tile_dpbf16ps(2, 5, 6);
-      if (MT > 1 && NT > 1) _tile_dpbf16ps(3, 5, 7);
-    }
+    GLMV_TILE_DOT(Int8, 0, 4, 6);
+    if (NT > 1) GLMV_TILE_DOT(Int8, 1, 4, 7);
+    if (MT > 1) GLMV_TILE_DOT(Int8, 2, 5, 6);
+    if (MT > 1 && NT > 1) GLMV_TILE_DOT(Int8, 3, 5, 7);
   }
 }
 
@@ -1154,25 +1158,14 @@ void amx_quad(const A& a, int64_t m, int64_t nb0) {
         _mm_prefetch(reinterpret_cast<const char*>(ahead + b * bb + l * 64), _MM_HINT_T0);
     const uint8_t* ws = w + s * 1024;
     _tile_loadd(4, x + s * 1024, 64);
-    if constexpr (T::kInt8) {
-      _tile_loadd(5, ws, 64);
-      _tile_dpbusd(0, 4, 5);
-      _tile_loadd(6, ws + bb, 64);
-      _tile_dpbusd(1, 4, 6);
-      _tile_loadd(7, ws + 2 * bb, 64);
-      _tile_dpbusd(2, 4, 7);
-      _tile_loadd(5, ws + 3 * bb, 64);
-      _tile_dpbusd(3, 4, 5);
-    } else {
-      _tile_loadd(5, ws, 64);
-      _tile_dpbf16ps(0, 4, 5);
-      _tile_loadd(6, ws + bb, 64);
-      _tile_dpbf16ps(1, 4, 6);
-      _tile_loadd(7, ws + 2 * bb, 64);
-      _tile_dpbf16ps(2, 4, 7);
-      _tile_loadd(5, ws + 3 * bb, 64);
-      _tile_dpbf16ps(3, 4, 5);
-    }
+    _tile_loadd(5, ws, 64);
+    GLMV_TILE_DOT(T::kInt8, 0, 4, 5);
+    _tile_loadd(6, ws + bb, 64);
+    GLMV_TILE_DOT(T::kInt8, 1, 4, 6);
+    _tile_loadd(7, ws + 2 * bb, 64);
+    GLMV_TILE_DOT(T::kInt8, 2, 4, 7);
+    _tile_loadd(5, ws + 3 * bb, 64);  // after the first dot has read it
+    GLMV_TILE_DOT(T::kInt8, 3, 4, 5);
   }
   // each pair's sums as store_tiles leaves them: [rows][32], row stride 128 bytes
   alignas(64) typename T::Sum acc[2][16 * 32];
@@ -1420,7 +1413,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 bool int8_vnni() { return kVnniKernel; }
 
-// y = x W^T + b, or with `swiglu` (W and b as glmv.layers.linear.swiglu_blocks lays out a
+// y = x W^T + b, or with `swiglu` (W and b as glmv.layers.linear.swiglu_order lays out a
 // [gate | up] projection of out_features channels each) y = silu(gate) * up in one pass, the
 // same bits as silu_and_mul over the [gate | up] product.
 // With `best` (at::get_num_threads() * M states), y is not written: each thread's greedy
