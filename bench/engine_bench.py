@@ -23,7 +23,11 @@ prompts, greedy, every request producing exactly --output-len tokens (EOS ignore
 - --profile: cProfile and torch.profiler over 5 glmv decode steps at batch --num-requests.
 
 Every timed run uses prompts and media no earlier run has seen, so glmv's prefix and encoder
-caches (left on, as deployed) never hit. Each side warms up on 2 requests first. torch keeps
+caches (left on, as deployed) never hit. Before each timed batch each side runs a warm-up
+batch of the same shape (other prompts and media, 2 output tokens): a process's first step of
+a size touches fresh memory, which right after the bandwidth samples have freed their GiB is
+slow to fault in (glmv's first 2048-token prefill there: 570-660 ms instead of 420-440; the
+same step later, its memory reused, faults no page at all). torch keeps
 its default thread count. Each timed run records the CPU seconds other processes used
 meanwhile (`other_processes_cpu_s`): on a 2-core machine a concurrent job slows torch several-
 fold, so rerun when it is above ~1 s. Prints a table and then one JSON object; record both
@@ -95,14 +99,15 @@ class Bench:
         return make_workload(kind, num, self.seed, self.args, self.encode, self.video_dir)
 
     def batch(self, kind: str) -> None:
-        """One scenario: warm each side up on 2 requests, then time the full batch on each."""
+        """One scenario: warm each side up on a batch of the same shape (other prompts, 2 output
+        tokens), then time the full batch on each."""
         args = self.args
         num = args.video_requests if kind == "video" else args.num_requests
         work = self.workload(kind, num)
         result: dict[str, Any] = {}
         runs: dict[str, Throughput] = {}
         for side in self.sides:
-            side.run(self.workload(kind, 2), 4)
+            side.run(self.workload(kind, num), 2)  # warm-up of the same shape
             with CpuWatch() as watch:
                 runs[side.name] = side.run(work, args.output_len)
             result[side.name] = runs[side.name].summary() | watched(watch, kind, side.name)

@@ -126,7 +126,7 @@ class PackedWeight(Protocol):
         ...
 
     def kernel_args(self) -> list[torch.Tensor | None] | None:
-        """The tensors glmv's fused kernels take for this weight (`decode_layer`'s products:
+        """The tensors glmv's fused kernels take for this weight (`decode_layers`' products:
         [blocks, bias] or [blocks, bias, scale, row_sum]); None where they cannot use it."""
         ...
 

@@ -45,7 +45,8 @@ class MRotaryEmbedding(nn.Module):
         axis = torch.cat([torch.full((s,), i % 3) for i, s in enumerate(mrope_section)])
         self.register_buffer("freq_axis", axis, persistent=False)  # [rotary_dim / 2]
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    def cos_sin(self, positions: torch.Tensor,
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [num_tokens, rotary_dim], computed in fp32 then cast like the reference."""
         freqs = positions[..., None].float() * self.inv_freq  # [3, N, F]
         num_freqs = int(self.inv_freq.shape[0])

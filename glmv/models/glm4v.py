@@ -24,7 +24,7 @@ from glmv.config import ModelConfig, TextConfig
 from glmv.kernels import cpu_ops
 from glmv.layers.attention import Attention
 from glmv.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from glmv.layers.linear import Bf16Blocks, PackedWeight, QKVParallelLinear, RowParallelLinear
+from glmv.layers.linear import Bf16Blocks, Linear, QKVParallelLinear, RowParallelLinear
 from glmv.layers.mlp import GatedMLP
 from glmv.layers.norm import RMSNorm, add_rms_norm, norm_add
 from glmv.layers.rotary import MRotaryEmbedding
@@ -87,10 +87,10 @@ class Glm4vTextAttention(nn.Module):
         return self.o_proj(self.attn(q, k, v, meta))
 
 
-#: decode_layer's arguments for one layer: norms, products, widths, heads, and whether gate_up
-#: is in SwiGLU pairs.
+#: One layer's part of decode_layers' arguments: norms, products, widths, heads, whether gate_up
+#: is in SwiGLU pairs, and the attention's scale and the norms' epsilon.
 DecodeKernelArgs = tuple[list[torch.Tensor], list[list[torch.Tensor | None]], list[int],
-                         list[int], bool]
+                         list[int], bool, float, float]
 
 
 class Glm4vTextDecoderLayer(nn.Module):
@@ -105,75 +105,62 @@ class Glm4vTextDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, prepacked=True)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
-        # decode_layer's arguments, made once for the packed weights they were made from
-        self._kernel_key: tuple[PackedWeight | None, ...] | None = None
-        self._kernel_cached: DecodeKernelArgs | None = None
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata) -> torch.Tensor:
-        fused = self._decode_kernel(x, rope, rotary, meta)
-        if fused is not None:
-            return fused
         attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
         # h = x + post_self_attn_norm(attn); the MLP reads post_attention_norm(h)
         h, normed = add_rms_norm(attn, x, self.post_self_attn_layernorm,
                                  self.post_attention_layernorm)
         return norm_add(self.mlp(normed), h, self.post_mlp_layernorm)
 
-    def _decode_kernel(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
-                       meta: AttentionMetadata) -> torch.Tensor | None:
-        """The layer as one `torch.ops.glmv.decode_layer` call (the same kernels in the same
-        order as forward, so the same bits, without the Python between them) when the step
-        only decodes, on a bf16 CPU with glmv's packed weights and one device; else None."""
-        ops = cpu_ops(x)
-        if ops is None:
-            return None
-        batch = meta.decode_batch()
-        attn = self.self_attn.attn
-        cache = attn.kv_cache
-        if (batch is None or len(batch.seqs) != x.shape[0] or cache is None
-                or cache.dtype is not x.dtype or rope[0].dtype is not x.dtype
-                or meta.block_tables is None or meta.slot_mapping is None):
-            return None
-        args = self._kernel_args()
-        if args is None:
-            return None
-        norms, products, widths, heads, swiglu = args
-        return ops.decode_layer(x, norms, *products, widths, *rope, rotary.interleaved, heads,
-                                cache, meta.slot_mapping, meta.block_tables, batch.seq_idx,
-                                batch.token_idx, batch.seq_lens, attn.scale,
-                                self.input_layernorm.eps, swiglu)
+    def linears(self) -> tuple[Linear, Linear, Linear, Linear]:
+        """qkv, o, gate_up, down: the products of `decode_layers`, in its order."""
+        attention, mlp = self.self_attn, self.mlp
+        return attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj
 
     def _kernel_args(self) -> DecodeKernelArgs | None:
-        """decode_layer's weights (norms, products, widths, heads, swiglu), or None where the
-        layer does not fit it: a product without glmv's blocks, tensor parallelism (the row-parallel
-        products all-reduce), norms of other dtypes or epsilons, another attention backend."""
+        """This layer's part of decode_layers' arguments, or None where the layer does not fit
+        it: a product without glmv's blocks, tensor parallelism (the row-parallel products
+        all-reduce), norms of other dtypes or epsilons, another attention backend."""
         attention, mlp = self.self_attn, self.mlp
-        linears = (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj)
-        key = tuple(linear.packed for linear in linears)
-        if self._kernel_key is not None and all(
-                a is b for a, b in zip(key, self._kernel_key, strict=True)):
-            return self._kernel_cached
-        self._kernel_key, self._kernel_cached = key, None
+        linears = self.linears()
+        packed = [linear.packed for linear in linears]
         norms = [self.input_layernorm, self.post_self_attn_layernorm,
                  self.post_attention_layernorm, self.post_mlp_layernorm]
-        found = [None if p is None else p.kernel_args() for p in key]
+        found = [None if p is None else p.kernel_args() for p in packed]
         products = [p for p in found if p is not None]
-        if (len(products) != len(key)
+        if (len(products) != len(linears)
                 or attention.o_proj.tp.size > 1 or mlp.down_proj.tp.size > 1
                 or attention.attn.backend != "torch_sdpa"
                 or any(n.eps != norms[0].eps or n.weight.dtype is not torch.bfloat16
                        for n in norms)):
             return None
         # gate_up in SwiGLU pairs: one pass gives the activation, the MLP's width wide
-        swiglu = isinstance(key[2], Bf16Blocks) and key[2].swiglu
-        widths = [linear.packed.out_features for linear in linears]  # type: ignore[union-attr]
+        swiglu = isinstance(packed[2], Bf16Blocks) and packed[2].swiglu
+        widths = [p.out_features for p in packed]  # type: ignore[union-attr]
         if swiglu:
             widths[2] //= 2
-        self._kernel_cached = (
-            [n.weight for n in norms], products, widths,
-            [attention.num_heads, attention.num_kv_heads, attention.head_dim], swiglu)
-        return self._kernel_cached
+        return ([n.weight for n in norms], products, widths,
+                [attention.num_heads, attention.num_kv_heads, attention.head_dim], swiglu,
+                attention.attn.scale, norms[0].eps)
+
+
+@dataclass
+class DecodeStack:
+    """decode_layers' arguments for every layer, flat, with what they were made from: the
+    packed weights and KV caches they hold (made again when any of those is replaced)."""
+
+    made_from: list[object]
+    norms: list[torch.Tensor]
+    products: list[torch.Tensor | None]
+    product_sizes: list[int]
+    widths: list[int]
+    heads: list[int]
+    kv_caches: list[torch.Tensor]
+    swiglu: bool
+    scale: float
+    eps: float
 
 
 class Glm4vTextModel(nn.Module):
@@ -187,15 +174,81 @@ class Glm4vTextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary_emb = MRotaryEmbedding(cfg.rotary_dim, cfg.rope_theta, cfg.mrope_section,
                                            cfg.rope_style)
+        self._stack: DecodeStack | None = None
+        # each layer's products and attention, looked up once (module attribute lookups cost
+        # ~1 us each; decode_layers' arguments are checked against them every step)
+        self._holders: tuple[list[Linear], list[Attention]] | None = None
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         """inputs_embeds [N, hidden], positions [3, N] -> hidden states [N, hidden]."""
         rope = self.rotary_emb.cos_sin(positions, inputs_embeds.dtype)
-        h = inputs_embeds
-        for layer in self.layers:
-            h = layer(h, rope, self.rotary_emb, meta)
+        h = self._decode_stack(inputs_embeds, rope, meta)
+        if h is None:
+            h = inputs_embeds
+            for layer in self.layers:
+                h = layer(h, rope, self.rotary_emb, meta)
         return self.norm(h)
+
+    def _decode_stack(self, x: torch.Tensor, rope: Rope,
+                      meta: AttentionMetadata) -> torch.Tensor | None:
+        """Every layer in one `torch.ops.glmv.decode_layers` call (the kernels each layer's
+        forward calls, in the same order, so the same bits, without the Python between them)
+        when the step only decodes, on a bf16 CPU with glmv's packed weights and one device;
+        else None."""
+        ops = cpu_ops(x)
+        if ops is None:
+            return None
+        batch = meta.decode_batch()
+        if (batch is None or len(batch.seqs) != x.shape[0] or rope[0].dtype is not x.dtype
+                or meta.block_tables is None or meta.slot_mapping is None):
+            return None
+        stack = self._stack_args()
+        if stack is None or stack.kv_caches[0].dtype is not x.dtype:
+            return None
+        return ops.decode_layers(x, stack.norms, stack.products, stack.product_sizes,
+                                 stack.widths, *rope, self.rotary_emb.interleaved, stack.heads,
+                                 stack.kv_caches, meta.slot_mapping, meta.block_tables,
+                                 batch.seq_idx, batch.token_idx, batch.seq_lens, stack.scale,
+                                 stack.eps, stack.swiglu)
+
+    def _made_from(self, layers: list[Glm4vTextDecoderLayer]) -> list[object]:
+        """What decode_layers' arguments are made from: each layer's packed weights and cache."""
+        if self._holders is None:
+            self._holders = ([linear for layer in layers for linear in layer.linears()],
+                             [layer.self_attn.attn for layer in layers])
+        linears, attentions = self._holders
+        return [linear.packed for linear in linears] + [a.kv_cache for a in attentions]
+
+    def _stack_args(self) -> DecodeStack | None:
+        """decode_layers' arguments, made once for the weights and caches they hold; None
+        where a layer does not fit the fused kernel (or has no cache yet)."""
+        layers = [layer for layer in self.layers if isinstance(layer, Glm4vTextDecoderLayer)]
+        if len(layers) != len(self.layers):
+            return None  # the MoE decoder
+        made = self._made_from(layers)
+        stack = self._stack
+        if stack is not None and len(made) == len(stack.made_from) and all(
+                a is b for a, b in zip(made, stack.made_from, strict=True)):
+            return stack
+        self._stack = None
+        found = [layer._kernel_args() for layer in layers]
+        args = [a for a in found if a is not None]
+        caches = [c for c in (layer.self_attn.attn.kv_cache for layer in layers) if c is not None]
+        if len(args) != len(layers) or len(caches) != len(layers):
+            return None
+        first = args[0]
+        if any(a[3:] != first[3:] for a in args):
+            return None  # heads, SwiGLU pairs, scale and eps shared by every layer
+        stack = DecodeStack(made, [], [], [], [], first[3], caches, first[4], first[5], first[6])
+        for norms, products, widths, *_ in args:
+            stack.norms.extend(norms)
+            for product in products:
+                stack.products.extend(product)
+                stack.product_sizes.append(len(product))
+            stack.widths.extend(widths)
+        self._stack = stack
+        return stack
 
 
 class Glm4vModel(nn.Module):

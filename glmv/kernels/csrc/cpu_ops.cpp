@@ -2337,65 +2337,116 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 
 // ---------------------------------------------------------------------------------------------
-// One dense GLM-4 decoder layer over decode tokens (one new token per sequence), in one call:
-// the same operators as glmv/models/glm4v.py's layer calls one by one from Python, in the same
-// order on the same values, so the result is bit for bit the same; what goes is the Python and
-// dispatcher time between them (a decode step on two cores spends ~10% of its time there).
+// The dense GLM-4 decoder layers over decode tokens (one new token per sequence), all of
+// them in one call: the same operators as glmv/models/glm4v.py's layer calls one by one from
+// Python, in the same order on the same values, so the result is bit for bit the same; what
+// goes is the Python and dispatcher time between them (a decode step on two cores spent ~10%
+// of its time there with one call per operator, ~0.6 ms per step with one call per layer).
 
 // A linear layer's packed weight as glmv.layers passes it: [blocks, bias?] (bf16 blocks) or
-// [blocks, bias?, scale, row_sum] (int8 blocks).
-at::Tensor packed_product(const at::Tensor& x, const c10::List<c10::optional<at::Tensor>>& p,
+// [blocks, bias?, scale, row_sum] (int8 blocks); `p` points at its `size` entries.
+at::Tensor packed_product(const at::Tensor& x, const c10::optional<at::Tensor>* p, int64_t size,
                           int64_t out_features) {
-  TORCH_CHECK(p.size() == 2 || p.size() == 4,
+  TORCH_CHECK(size == 2 || size == 4,
               "a packed weight is [blocks, bias] or [blocks, bias, scale, row_sum]");
-  const c10::optional<at::Tensor> w = p.get(0), bias = p.get(1);
+  const c10::optional<at::Tensor>& w = p[0];
+  const c10::optional<at::Tensor>& bias = p[1];
   TORCH_CHECK(w.has_value(), "a packed weight needs its blocks");
-  if (p.size() == 2) return bf16_linear(x, *w, bias, out_features);
-  const c10::optional<at::Tensor> w_scale = p.get(2), w_sum = p.get(3);
-  TORCH_CHECK(w_scale.has_value() && w_sum.has_value(), "int8 blocks need scale and row_sum");
-  return int8_linear(x, *w, *w_scale, *w_sum, bias, out_features);
+  if (size == 2) return bf16_linear(x, *w, bias, out_features);
+  TORCH_CHECK(p[2].has_value() && p[3].has_value(), "int8 blocks need scale and row_sum");
+  return int8_linear(x, *w, *p[2], *p[3], bias, out_features);
 }
 
-// norms: input, post_self_attn, post_attention, post_mlp weights; products: qkv, o, gate_up,
-// down as packed_product takes them; out_features of each; heads: query heads, KV heads,
-// head_dim. The decode rows of seq_idx/token_idx/seq_lens must cover every token of x.
+// What every layer of one decode step shares: rotary tables, heads, where each sequence's
+// rows and cache slots are.
+struct DecodeStep {
+  const at::Tensor& cos;
+  const at::Tensor& sin;
+  bool interleaved;
+  int64_t nh, nkv, d;
+  const at::Tensor& slot_mapping;
+  const at::Tensor& block_tables;
+  const at::Tensor& seq_idx;
+  const at::Tensor& token_idx;
+  const at::Tensor& seq_lens;
+  double scale, eps;
+  bool swiglu;
+};
+
+// One layer. norms: input, post_self_attn, post_attention, post_mlp weights; products: qkv, o,
+// gate_up, down as packed_product takes them (sizes: entries of each); out_features of each.
 // swiglu: gate_up holds SwiGLU pairs of bf16 blocks (bf16_linear_swiglu), its out_features
 // the MLP's width.
-at::Tensor decode_layer(const at::Tensor& x, at::TensorList norms,
-                        const c10::List<c10::optional<at::Tensor>>& qkv,
-                        const c10::List<c10::optional<at::Tensor>>& o,
-                        const c10::List<c10::optional<at::Tensor>>& gate_up,
-                        const c10::List<c10::optional<at::Tensor>>& down,
-                        at::IntArrayRef out_features, const at::Tensor& cos, const at::Tensor& sin,
-                        bool interleaved, at::IntArrayRef heads, const at::Tensor& kv_cache,
-                        const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                        const at::Tensor& seq_idx, const at::Tensor& token_idx,
-                        const at::Tensor& seq_lens, double scale, double eps, bool swiglu) {
-  TORCH_CHECK(norms.size() == 4 && out_features.size() == 4 && heads.size() == 3,
-              "decode_layer: four norms, four out_features, (heads, kv_heads, head_dim)");
-  const int64_t n = x.size(0), nh = heads[0], nkv = heads[1], d = heads[2];
-  TORCH_CHECK(seq_idx.numel() == n, "decode_layer: every token must be a decode token");
+at::Tensor decode_layer(const at::Tensor& x, const at::Tensor* norms,
+                        const c10::optional<at::Tensor>* const* products, const int64_t* sizes,
+                        const int64_t* out_features, const at::Tensor& kv_cache,
+                        const DecodeStep& s) {
+  const int64_t n = x.size(0), nh = s.nh, nkv = s.nkv, d = s.d;
   TORCH_CHECK(out_features[0] == (nh + 2 * nkv) * d && out_features[1] == x.size(1),
-              "decode_layer: qkv/o widths do not match the heads");
-  const at::Tensor normed = rms_norm(x, norms[0], eps);
-  const at::Tensor mixed = packed_product(normed, qkv, out_features[0]);  // q | k | v
-  rotary_(mixed.narrow(1, 0, (nh + nkv) * d).view({n, nh + nkv, d}), cos, sin, interleaved);
+              "decode_layers: qkv/o widths do not match the heads");
+  const at::Tensor normed = rms_norm(x, norms[0], s.eps);
+  const at::Tensor mixed = packed_product(normed, products[0], sizes[0], out_features[0]);
+  rotary_(mixed.narrow(1, 0, (nh + nkv) * d).view({n, nh + nkv, d}), s.cos, s.sin,
+          s.interleaved);
   const at::Tensor q = mixed.narrow(1, 0, nh * d).view({n, nh, d});
   write_kv(kv_cache, mixed.narrow(1, nh * d, nkv * d).view({n, nkv, d}),
-           mixed.narrow(1, (nh + nkv) * d, nkv * d).view({n, nkv, d}), slot_mapping);
+           mixed.narrow(1, (nh + nkv) * d, nkv * d).view({n, nkv, d}), s.slot_mapping);
   const at::Tensor attn = at::empty({n, nh, d}, x.options());
-  paged_decode_attention(attn, q, kv_cache, block_tables, seq_idx, token_idx, seq_lens, scale);
-  const at::Tensor projected = packed_product(attn.view({n, nh * d}), o, out_features[1]);
-  auto [h, normed_h] = add_rms_norm(projected, x, norms[1], norms[2], eps);
+  paged_decode_attention(attn, q, kv_cache, s.block_tables, s.seq_idx, s.token_idx, s.seq_lens,
+                         s.scale);
+  const at::Tensor projected =
+      packed_product(attn.view({n, nh * d}), products[1], sizes[1], out_features[1]);
+  auto [h, normed_h] = add_rms_norm(projected, x, norms[1], norms[2], s.eps);
   at::Tensor act;
-  if (swiglu) {
-    TORCH_CHECK(gate_up.size() == 2 && gate_up.get(0).has_value(),
-                "decode_layer: SwiGLU pairs are bf16 blocks [blocks, bias]");
-    act = bf16_linear_swiglu(normed_h, *gate_up.get(0), gate_up.get(1), out_features[2]);
+  if (s.swiglu) {
+    TORCH_CHECK(sizes[2] == 2 && products[2][0].has_value(),
+                "decode_layers: SwiGLU pairs are bf16 blocks [blocks, bias]");
+    act = bf16_linear_swiglu(normed_h, *products[2][0], products[2][1], out_features[2]);
   } else {
-    act = silu_and_mul(packed_product(normed_h, gate_up, out_features[2]));
+    act = silu_and_mul(packed_product(normed_h, products[2], sizes[2], out_features[2]));
   }
-  return norm_add(packed_product(act, down, out_features[3]), h, norms[3], eps);
+  return norm_add(packed_product(act, products[3], sizes[3], out_features[3]), h, norms[3],
+                  s.eps);
+}
+
+// Layer after layer over x. Per layer: four norms, four products (their entries one after
+// another in `products`, product_sizes[4 l + j] entries for product j), four out_features and
+// its KV cache. heads: query heads, KV heads, head_dim. The decode rows of seq_idx/token_idx/
+// seq_lens must cover every token of x.
+at::Tensor decode_layers(const at::Tensor& x, at::TensorList norms,
+                         const c10::List<c10::optional<at::Tensor>>& products,
+                         at::IntArrayRef product_sizes, at::IntArrayRef out_features,
+                         const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                         at::IntArrayRef heads, at::TensorList kv_caches,
+                         const at::Tensor& slot_mapping, const at::Tensor& block_tables,
+                         const at::Tensor& seq_idx, const at::Tensor& token_idx,
+                         const at::Tensor& seq_lens, double scale, double eps, bool swiglu) {
+  const int64_t layers = int64_t(kv_caches.size());
+  TORCH_CHECK(int64_t(norms.size()) == 4 * layers && int64_t(product_sizes.size()) == 4 * layers &&
+                  int64_t(out_features.size()) == 4 * layers && heads.size() == 3,
+              "decode_layers: per layer four norms, four products and four out_features; heads "
+              "(heads, kv_heads, head_dim)");
+  TORCH_CHECK(seq_idx.numel() == x.size(0), "decode_layers: every token must be a decode token");
+  std::vector<c10::optional<at::Tensor>> entries(products.begin(), products.end());
+  int64_t total = 0;
+  for (int64_t size : product_sizes) total += size;
+  TORCH_CHECK(total == int64_t(entries.size()), "decode_layers: product_sizes must add up to "
+              "the entries of products");
+  const DecodeStep step{cos,     sin,       interleaved, heads[0], heads[1], heads[2],
+                        slot_mapping, block_tables, seq_idx, token_idx, seq_lens, scale,
+                        eps,     swiglu};
+  at::Tensor h = x;
+  const c10::optional<at::Tensor>* next = entries.data();
+  for (int64_t l = 0; l < layers; ++l) {
+    const c10::optional<at::Tensor>* p[4];
+    for (int j = 0; j < 4; ++j) {
+      p[j] = next;
+      next += product_sizes[4 * l + j];
+    }
+    h = decode_layer(h, norms.data() + 4 * l, p, product_sizes.data() + 4 * l,
+                     out_features.data() + 4 * l, kv_caches[l], step);
+  }
+  return h;
 }
 
 }  // namespace
@@ -2423,11 +2474,11 @@ TORCH_LIBRARY(glmv, m) {
         " Tensor cu_k, float scale, bool causal) -> ()");
   m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on vdpbf16ps
   m.def("argmax_rows(Tensor x) -> Tensor");
-  m.def("decode_layer(Tensor x, Tensor[] norms, Tensor?[] qkv, Tensor?[] o, Tensor?[] gate_up,"
-        " Tensor?[] down, int[] out_features, Tensor cos, Tensor sin, bool interleaved,"
-        " int[] heads, Tensor(a!) kv_cache, Tensor slot_mapping, Tensor block_tables,"
-        " Tensor seq_idx, Tensor token_idx, Tensor seq_lens, float scale, float eps,"
-        " bool swiglu=False) -> Tensor");
+  m.def("decode_layers(Tensor x, Tensor[] norms, Tensor?[] products, int[] product_sizes,"
+        " int[] out_features, Tensor cos, Tensor sin, bool interleaved, int[] heads,"
+        " Tensor(a!)[] kv_caches, Tensor slot_mapping, Tensor block_tables, Tensor seq_idx,"
+        " Tensor token_idx, Tensor seq_lens, float scale, float eps, bool swiglu=False)"
+        " -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(glmv, CPU, m) {
@@ -2444,5 +2495,5 @@ TORCH_LIBRARY_IMPL(glmv, CPU, m) {
   m.impl("bf16_linear_argmax", &bf16_linear_argmax);
   m.impl("varlen_attention", &varlen_attention);
   m.impl("argmax_rows", &argmax_rows);
-  m.impl("decode_layer", &decode_layer);
+  m.impl("decode_layers", &decode_layers);
 }
