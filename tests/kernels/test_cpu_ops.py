@@ -428,9 +428,10 @@ def test_bf16_linear_takes_strided_rows_and_no_rows(product_path: str) -> None:
 
 
 def test_bf16_linear_over_panels_and_row_buffers(product_path: str) -> None:
-    """Taller than one panel of rows (736 rows of K = 1024 stay in L2), x beyond the 32 MiB
-    row buffer a thread keeps (then allocated for the call), and a short product after both
-    (the kept buffer reused): each matches fp64."""
+    """Rows split between the threads and taller than a thread's panel (256 rows of K = 1024
+    stay in its L2), with an odd number of channel blocks (n = 40: the last block has no
+    pair), x beyond the 32 MiB row buffer a thread keeps (then allocated for the call), and a
+    short product after both (the kept buffer reused, channels split): each matches fp64."""
     for m, k, n in [(1100, 1024, 40), (4100, 4096, 20), (3, 1024, 40)]:
         x, w = _bf16(m, k, seed=m), _bf16(n, k, seed=n + k)
         y = ops.bf16_linear(x, _bf16_blocks(w), None, n)

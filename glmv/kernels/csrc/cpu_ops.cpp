@@ -1190,15 +1190,21 @@ void amx_block(const A& a, int64_t m, int64_t m0, int64_t nb0) {
   finish_tiles<MT, NT>(a, acc, m, m0, nb0);
 }
 
-// Rows [0, m) (x padded to whole tiles of rows) x all channel blocks. Threads take pairs of
-// channel blocks; within a panel of rows that stays in L2, each pair's weights are read from
-// memory once and from cache for every further 32 rows.
-// Rows per panel: as many as keep x's panel within ~1.5 MiB of L2 (64 to 1024 rows).
-// Each channel pair's weights are read from memory once per panel, so taller panels read
-// them fewer times (a 512-row step of K = 1024 in one panel of up to 736 rows instead of
-// two of 256: 5-9% faster prefill products),
-// while a panel that outgrows L2 makes every x tile wait on memory.
+// Rows [0, m) (x padded to whole tiles of rows) x all channel blocks, in panels of rows
+// whose x stays in L2 while every pair of channel blocks passes over it (each pair's weights
+// read once per panel, from cache for every further 32 rows). Two ways to share the work:
+// - batches of a few rows (decode): threads take pairs of channel blocks, panels as tall as
+//   keep x within ~1.5 MiB (kPanelBytes, 64 to 1024 rows; taller panels read the weights
+//   fewer times);
+// - from kRowSplitRows rows on (prefill): threads take runs of rows and each multiplies its
+//   own rows by every pair, panels of ~512 KiB of x (kRowPanelBytes). Each thread then reads
+//   only x rows it laid out itself (amx_x_layout splits the rows the same way), from its own
+//   L2; split by channels, half of every panel came from the other core's cache, and tiles
+//   waiting on it held the products back. The weights, read by both threads now, are read
+//   by both at about the same time and the second read finds them in the shared L3. Products
+//   of 1024-2048 rows: 1.7-1.9 -> 2.0-2.3 TF/s on the two-core host of docs/benchmarks.md.
 constexpr int64_t kPanelBytes = int64_t(3) << 19, kPanelMinRows = 64, kPanelMaxRows = 1024;
+constexpr int64_t kRowPanelBytes = int64_t(1) << 19, kRowSplitRows = 256;
 constexpr int64_t kChunkSteps = 8;  // K steps per stretch of a pair's weights kept in L1
 
 // One pair of channel blocks over the row blocks [p0, p1) in stretches of K: each stretch of
@@ -1236,20 +1242,67 @@ void amx_pair_chunked(const A& a, int64_t m, int64_t p0, int64_t p1, int64_t q, 
   }
 }
 
+// Rows [p0, p1) of channel pair q (its second block where it has one)
+template <class A, class Sum>
+void amx_pair(const A& a, int64_t m, int64_t p0, int64_t p1, int64_t q, int64_t nblocks,
+              Sum* cbuf) {
+  const int64_t steps = a.kp * AmxTraits<A>::kElement / 64;
+  const bool two = 2 * q + 1 < nblocks;
+  if (two && p1 - p0 > 4 * kTileRows && steps > kChunkSteps) {
+    amx_pair_chunked(a, m, p0, p1, q, steps, cbuf);
+    return;
+  }
+  for (int64_t r = p0; r < p1; r += 2 * kTileRows) {
+    const bool tall = p1 - r > kTileRows;
+    if (two && tall) amx_block<2, 2>(a, m, r, 2 * q);
+    else if (two) amx_block<1, 2>(a, m, r, 2 * q);
+    else if (tall) amx_block<2, 1>(a, m, r, 2 * q);
+    else amx_block<1, 1>(a, m, r, 2 * q);
+  }
+}
+
+// The sums between a chunked pair's stretches (amx_pair_chunked): 4 KiB per 32 rows of a
+// panel, 64-byte aligned
+template <class Sum>
+struct PanelSums {
+  std::vector<Sum> store;
+  Sum* data;
+  explicit PanelSums(int64_t panel) : store(panel / (2 * kTileRows) * 1024 + 16) {
+    data = reinterpret_cast<Sum*>((reinterpret_cast<uintptr_t>(store.data()) + 63) &
+                                  ~uintptr_t(63));
+  }
+};
+
+inline int64_t panel_rows(int64_t bytes, int64_t row_bytes) {
+  return std::clamp<int64_t>(bytes / row_bytes / (2 * kTileRows) * (2 * kTileRows),
+                             kPanelMinRows, kPanelMaxRows);
+}
+
 template <class A>
 void amx_product(const A& a, int64_t m, int64_t nblocks) {
   using Sum = typename AmxTraits<A>::Sum;
-  const int64_t pairs = (nblocks + 1) / 2, steps = a.kp * AmxTraits<A>::kElement / 64;
+  const int64_t pairs = (nblocks + 1) / 2;
   const int64_t row_bytes = a.kp * AmxTraits<A>::kElement;
-  const int64_t panel = std::clamp<int64_t>(kPanelBytes / row_bytes / (2 * kTileRows) *
-                                                (2 * kTileRows), kPanelMinRows, kPanelMaxRows);
+  if (m >= kRowSplitRows) {  // threads take runs of 32-row blocks
+    const int64_t panel = panel_rows(kRowPanelBytes, row_bytes);
+    at::parallel_for(0, (m + 2 * kTileRows - 1) / (2 * kTileRows), 1,
+                     [&](int64_t b0, int64_t b1) {
+      PanelSums<Sum> sums(panel);
+      load_tile_config(kTileRows);
+      const int64_t r1 = std::min(m, b1 * 2 * kTileRows);
+      for (int64_t p0 = b0 * 2 * kTileRows; p0 < r1; p0 += panel) {
+        for (int64_t q = 0; q < pairs; ++q)
+          amx_pair(a, m, p0, std::min(r1, p0 + panel), q, nblocks, sums.data);
+      }
+      _tile_release();
+    });
+    return;
+  }
+  const int64_t panel = panel_rows(kPanelBytes, row_bytes);
   for (int64_t p0 = 0; p0 < m; p0 += panel) {
     const int64_t p1 = std::min(m, p0 + panel);
     at::parallel_for(0, pairs, 1, [&](int64_t q0, int64_t q1) {
-      std::vector<Sum> cbuf_store(panel / (2 * kTileRows) * 1024 + 16);
-      // 64-byte aligned
-      Sum* cbuf = reinterpret_cast<Sum*>(
-          (reinterpret_cast<uintptr_t>(cbuf_store.data()) + 63) & ~uintptr_t(63));
+      PanelSums<Sum> sums(panel);
       load_tile_config(std::min(m, kTileRows));
       for (int64_t q = q0; q < q1; ++q) {
         if (m <= kTileRows && q + 1 < q1 && 2 * q + 3 < nblocks) {  // two whole pairs
@@ -1257,18 +1310,7 @@ void amx_product(const A& a, int64_t m, int64_t nblocks) {
           ++q;
           continue;
         }
-        const bool two = 2 * q + 1 < nblocks;
-        if (two && p1 - p0 > 4 * kTileRows && steps > kChunkSteps) {
-          amx_pair_chunked(a, m, p0, p1, q, steps, cbuf);
-          continue;
-        }
-        for (int64_t r = p0; r < p1; r += 2 * kTileRows) {
-          const bool tall = p1 - r > kTileRows;
-          if (two && tall) amx_block<2, 2>(a, m, r, 2 * q);
-          else if (two) amx_block<1, 2>(a, m, r, 2 * q);
-          else if (tall) amx_block<2, 1>(a, m, r, 2 * q);
-          else amx_block<1, 1>(a, m, r, 2 * q);
-        }
+        amx_pair(a, m, p0, p1, q, nblocks, sums.data);
       }
       _tile_release();
     });
@@ -1323,13 +1365,14 @@ RowBuffer row_buffer(int slot, size_t bytes) {
 
 // bf16 rows [m, k] (row stride `stride`) as AMX takes them: per block of 16 rows, the tiles of
 // its K steps (32 inputs each) one after another, a tile's 16 rows 64 bytes apart; rows past m
-// and inputs past k are zero.
+// and inputs past k are zero. The threads split the rows in runs of 32 as amx_product's row
+// split does, so that each lays out the rows it will multiply.
 void amx_x_layout(const uint16_t* src, int64_t m, int64_t k, int64_t stride, int64_t kp,
                   uint16_t* dst) {
   constexpr int64_t kStep = 32;  // inputs per tile row
   const int64_t steps = kp / kStep, blocks = (m + kTileRows - 1) / kTileRows;
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
+  at::parallel_for(0, (blocks + 1) / 2, 2, [&](int64_t u0, int64_t u1) {
+    for (int64_t b = 2 * u0; b < std::min(blocks, 2 * u1); ++b) {
       uint16_t* tiles = dst + b * steps * kTileRows * kStep;
       for (int64_t i = 0; i < kTileRows; ++i) {
         const int64_t r = b * kTileRows + i;
