@@ -428,7 +428,7 @@ def test_bf16_linear_takes_strided_rows_and_no_rows(product_path: str) -> None:
 
 
 def test_bf16_linear_over_panels_and_row_buffers(product_path: str) -> None:
-    """Rows split between the threads and taller than a thread's panel (256 rows of K = 1024
+    """Rows split between the threads and taller than a thread's panel (512 rows of K = 1024
     stay in its L2), with an odd number of channel blocks (n = 40: the last block has no
     pair), x beyond the 32 MiB row buffer a thread keeps (then allocated for the call), and a
     short product after both (the kept buffer reused, channels split): each matches fp64."""

@@ -1197,14 +1197,14 @@ void amx_block(const A& a, int64_t m, int64_t m0, int64_t nb0) {
 //   keep x within ~1.5 MiB (kPanelBytes, 64 to 1024 rows; taller panels read the weights
 //   fewer times);
 // - from kRowSplitRows rows on (prefill): threads take runs of rows and each multiplies its
-//   own rows by every pair, panels of ~512 KiB of x (kRowPanelBytes). Each thread then reads
+//   own rows by every pair, panels of ~1 MiB of x (kRowPanelBytes). Each thread then reads
 //   only x rows it laid out itself (amx_x_layout splits the rows the same way), from its own
 //   L2; split by channels, half of every panel came from the other core's cache, and tiles
 //   waiting on it held the products back. The weights, read by both threads now, are read
 //   by both at about the same time and the second read finds them in the shared L3. Products
 //   of 1024-2048 rows: 1.7-1.9 -> 2.0-2.3 TF/s on the two-core host of docs/benchmarks.md.
 constexpr int64_t kPanelBytes = int64_t(3) << 19, kPanelMinRows = 64, kPanelMaxRows = 1024;
-constexpr int64_t kRowPanelBytes = int64_t(1) << 19, kRowSplitRows = 256;
+constexpr int64_t kRowPanelBytes = int64_t(1) << 20, kRowSplitRows = 256;
 constexpr int64_t kChunkSteps = 8;  // K steps per stretch of a pair's weights kept in L1
 
 // One pair of channel blocks over the row blocks [p0, p1) in stretches of K: each stretch of
