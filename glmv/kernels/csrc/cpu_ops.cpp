@@ -408,6 +408,50 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
   return out;
 }
 
+#if defined(__AVX512F__)
+// rotary_'s bf16 case on 16 lanes (rotary_dim a multiple of 32, at most 256): the same
+// products, roundings and sum as its loop below, so the same bits; rot(x) by a lane
+// permutation (interleaved: swap each pair, negate the first) or by whole vectors (NeoX).
+void rotary_bf16_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, int64_t hs,
+                     const uint16_t* cp, int64_t cs, const uint16_t* sp, int64_t ss, int64_t rd,
+                     bool interleaved) {
+  const int64_t nv = rd / 16;  // vectors per head (2 to 16)
+  const __m512i first_of_pair = _mm512_set_epi32(0, int32_t(0x80000000u), 0,
+      int32_t(0x80000000u), 0, int32_t(0x80000000u), 0, int32_t(0x80000000u), 0,
+      int32_t(0x80000000u), 0, int32_t(0x80000000u), 0, int32_t(0x80000000u), 0,
+      int32_t(0x80000000u));
+  const __m512i sign = _mm512_set1_epi32(int32_t(0x80000000u));
+  at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
+    __m512 c[16], sn[16], x[16];
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t j = 0; j < nv; ++j) {
+        c[j] = load_bf16x16(cp + t * cs + 16 * j);
+        sn[j] = load_bf16x16(sp + t * ss + 16 * j);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        uint16_t* v = qp + t * ts + h * hs;
+        for (int64_t j = 0; j < nv; ++j) x[j] = load_bf16x16(v + 16 * j);
+        for (int64_t j = 0; j < nv; ++j) {
+          __m512 rot;
+          if (interleaved) {
+            rot = _mm512_castsi512_ps(_mm512_xor_si512(
+                _mm512_castps_si512(_mm512_permute_ps(x[j], 0xB1)), first_of_pair));
+          } else if (j < nv / 2) {
+            rot = _mm512_castsi512_ps(
+                _mm512_xor_si512(_mm512_castps_si512(x[j + nv / 2]), sign));
+          } else {
+            rot = x[j - nv / 2];
+          }
+          const __m512 a = round_bf16x16(_mm512_mul_ps(x[j], c[j]));
+          const __m512 b = round_bf16x16(_mm512_mul_ps(rot, sn[j]));
+          store_bf16x16(v + 16 * j, round_bf16x16(_mm512_add_ps(a, b)));
+        }
+      }
+    }
+  });
+}
+#endif
+
 // In place on qk [tokens, heads, head_dim] (unit stride along head_dim): the first
 // rotary_dim = cos.size(1) dims of every head become bf16(bf16(x cos) + bf16(rot(x) sin)),
 // rot pairing (x0, x1) GPT-J style ("interleaved") or the two halves NeoX style. With fp32
@@ -435,6 +479,13 @@ void rotary_(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin,
   const int64_t elem = cos.element_size();
   int64_t ts = qk.stride(0), hs = qk.stride(1), cs = cos.stride(0), ss = sin.stride(0);
   int64_t half = rd / 2;
+#if defined(__AVX512F__)
+  if (!fp32 && rd % 32 == 0 && rd <= 256) {
+    rotary_bf16_512(qp, tokens, heads, ts, hs, reinterpret_cast<const uint16_t*>(cp), cs,
+                    reinterpret_cast<const uint16_t*>(sp), ss, rd, interleaved);
+    return;
+  }
+#endif
   at::parallel_for(0, tokens * heads, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> x(rd), c(rd), s(rd), r(rd);
     int64_t row = -1;
