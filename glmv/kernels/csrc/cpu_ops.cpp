@@ -409,12 +409,16 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 }
 
 #if defined(__AVX512F__)
-// rotary_'s bf16 case on 16 lanes (rotary_dim a multiple of 32, at most 256): the same
-// products, roundings and sum as its loop below, so the same bits; rot(x) by a lane
-// permutation (interleaved: swap each pair, negate the first) or by whole vectors (NeoX).
-void rotary_bf16_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, int64_t hs,
-                     const uint16_t* cp, int64_t cs, const uint16_t* sp, int64_t ss, int64_t rd,
-                     bool interleaved) {
+// rotary_ on 16 lanes (rotary_dim a multiple of 32, at most 256), bf16 tables (T =
+// uint16_t) or fp32 ones (float): the same products, roundings and sums as its loop below,
+// so the same bits; rot(x) by a lane permutation (interleaved: swap each pair, negate the
+// first) or by whole vectors (NeoX).
+inline __m512 load_table16(const uint16_t* p) { return load_bf16x16(p); }
+inline __m512 load_table16(const float* p) { return _mm512_loadu_ps(p); }
+
+template <typename T>
+void rotary_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, int64_t hs,
+                const T* cp, int64_t cs, const T* sp, int64_t ss, int64_t rd, bool interleaved) {
   const int64_t nv = rd / 16;  // vectors per head (2 to 16)
   const __m512i first_of_pair = _mm512_set_epi32(0, int32_t(0x80000000u), 0,
       int32_t(0x80000000u), 0, int32_t(0x80000000u), 0, int32_t(0x80000000u), 0,
@@ -425,8 +429,8 @@ void rotary_bf16_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, in
     __m512 c[16], sn[16], x[16];
     for (int64_t t = t0; t < t1; ++t) {
       for (int64_t j = 0; j < nv; ++j) {
-        c[j] = load_bf16x16(cp + t * cs + 16 * j);
-        sn[j] = load_bf16x16(sp + t * ss + 16 * j);
+        c[j] = load_table16(cp + t * cs + 16 * j);
+        sn[j] = load_table16(sp + t * ss + 16 * j);
       }
       for (int64_t h = 0; h < heads; ++h) {
         uint16_t* v = qp + t * ts + h * hs;
@@ -442,9 +446,14 @@ void rotary_bf16_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, in
           } else {
             rot = x[j - nv / 2];
           }
-          const __m512 a = round_bf16x16(_mm512_mul_ps(x[j], c[j]));
-          const __m512 b = round_bf16x16(_mm512_mul_ps(rot, sn[j]));
-          store_bf16x16(v + 16 * j, round_bf16x16(_mm512_add_ps(a, b)));
+          if constexpr (std::is_same_v<T, float>) {
+            store_bf16x16(v + 16 * j, round_bf16x16(_mm512_add_ps(_mm512_mul_ps(x[j], c[j]),
+                                                                   _mm512_mul_ps(rot, sn[j]))));
+          } else {
+            const __m512 a = round_bf16x16(_mm512_mul_ps(x[j], c[j]));
+            const __m512 b = round_bf16x16(_mm512_mul_ps(rot, sn[j]));
+            store_bf16x16(v + 16 * j, round_bf16x16(_mm512_add_ps(a, b)));
+          }
         }
       }
     }
@@ -480,9 +489,14 @@ void rotary_(const at::Tensor& qk, const at::Tensor& cos, const at::Tensor& sin,
   int64_t ts = qk.stride(0), hs = qk.stride(1), cs = cos.stride(0), ss = sin.stride(0);
   int64_t half = rd / 2;
 #if defined(__AVX512F__)
-  if (!fp32 && rd % 32 == 0 && rd <= 256) {
-    rotary_bf16_512(qp, tokens, heads, ts, hs, reinterpret_cast<const uint16_t*>(cp), cs,
-                    reinterpret_cast<const uint16_t*>(sp), ss, rd, interleaved);
+  if (rd % 32 == 0 && rd <= 256) {
+    if (fp32) {
+      rotary_512(qp, tokens, heads, ts, hs, reinterpret_cast<const float*>(cp), cs,
+                 reinterpret_cast<const float*>(sp), ss, rd, interleaved);
+    } else {
+      rotary_512(qp, tokens, heads, ts, hs, reinterpret_cast<const uint16_t*>(cp), cs,
+                 reinterpret_cast<const uint16_t*>(sp), ss, rd, interleaved);
+    }
     return;
   }
 #endif
