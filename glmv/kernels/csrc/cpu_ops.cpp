@@ -1785,12 +1785,13 @@ float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// softmax_rows on 16 lanes; lp a multiple of 16
+// softmax_rows on 16 lanes; lp a multiple of 16; rows of s and p ls apart (default lp)
 void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
-                     int64_t lp) {
+                     int64_t lp, int64_t ls = 0) {
+  if (ls == 0) ls = lp;
   for (int64_t i = 0; i < rows; ++i) {
-    uint16_t* pr = p + i * lp;
-    inv[i] = 1.0f / exp_row512(s + i * lp, len, lp, [pr](int64_t n, __m512 e) {
+    uint16_t* pr = p + i * ls;
+    inv[i] = 1.0f / exp_row512(s + i * ls, len, lp, [pr](int64_t n, __m512 e) {
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
     });
   }
@@ -1864,8 +1865,9 @@ constexpr bool kBf16Attention = false;
 // as they lie. Rows of qb: d apart; of s: lp apart.
 constexpr int64_t kAmxAttnRows = 32;
 
-void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
+void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t ls,
                      int64_t nkeys, float scale) {
+  const int64_t lp = ls;  // s's row stride
   const int64_t pairs = d / 2, steps = d / 32;
   const uint16_t* qb1 = qb + 16 * d;
   float* s1 = s + 16 * lp;
@@ -1899,9 +1901,10 @@ void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d
 
 // out rows [0, rows) = (p . v) * inv over the first nkeys keys (a multiple of 32)
 void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_t rows,
-                     int64_t d, int64_t lp, int64_t nkeys, uint16_t* out, int64_t ors) {
+                     int64_t d, int64_t lp, int64_t nkeys, uint16_t* out, int64_t ors,
+                     int64_t ls) {
   alignas(64) float acc[kAmxAttnRows * 32];
-  const uint16_t* p1 = p + 16 * lp;
+  const uint16_t* p1 = p + 16 * ls;
   for (int64_t c0 = 0; c0 < d; c0 += 32) {
     const uint16_t* v0 = vp + (c0 / 16) * lp * 16;
     const uint16_t* v1 = v0 + lp * 16;
@@ -1910,10 +1913,10 @@ void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, in
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t j = 0; j < nkeys / 32; ++j) {
-      _tile_loadd(4, p + j * 32, lp * 2);
+      _tile_loadd(4, p + j * 32, ls * 2);
       _tile_loadd(6, v0 + j * 512, 64);
       _tile_loadd(7, v1 + j * 512, 64);
-      _tile_loadd(5, p1 + j * 32, lp * 2);
+      _tile_loadd(5, p1 + j * 32, ls * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
@@ -1940,7 +1943,7 @@ void amx_attn_scores(const uint16_t*, const uint16_t*, float*, int64_t, int64_t,
   TORCH_CHECK(false, "glmv: built without AMX");
 }
 void amx_attn_values(const uint16_t*, const uint16_t*, const float*, int64_t, int64_t, int64_t,
-                     int64_t, uint16_t*, int64_t) {
+                     int64_t, uint16_t*, int64_t, int64_t) {
   TORCH_CHECK(false, "glmv: built without AMX");
 }
 constexpr bool kAmxAttention = false;
@@ -2291,8 +2294,12 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
         const int64_t off = pack_off[s] + (h / a.group) * lp * d;
         const bool amx = on_amx(s);
         const int64_t step = amx ? kAmxAttnRows : kAttnRows;
-        sbuf.resize(kAmxAttnRows * lp);
-        pbuf.resize(kAmxAttnRows * lp);
+        // AMX rows of scores and probabilities one line past a multiple of 4 KiB apart:
+        // at lp floats (a 1024-key segment: exactly 4 KiB) every row of a tile store or load
+        // fell in the same L1 set
+        const int64_t ls = amx ? lp + 32 : lp;
+        sbuf.resize(kAmxAttnRows * ls);
+        pbuf.resize(kAmxAttnRows * ls);
         qbuf.assign(kAmxAttnRows * d, 0);
         for (int64_t i0 = r0; i0 < r1; i0 += step) {
           const int64_t n = std::min(step, r1 - i0);
@@ -2302,21 +2309,22 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           const int64_t kmax = keys_of(s, i0 + n - 1);  // the block's widest row
           const int64_t nkeys = std::min(lp, (kmax + 31) / 32 * 32);
           if (amx) {
-            amx_attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp, nkeys,
+            amx_attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, ls, nkeys,
                             a.scale);
           } else {
             attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp, nkeys, a.scale);
           }
           if (causal) {
             for (int64_t i = 0; i < step; ++i)
-              softmax_rows512(sbuf.data() + i * lp, pbuf.data() + i * lp, inv + i, 1,
+              softmax_rows512(sbuf.data() + i * ls, pbuf.data() + i * ls, inv + i, 1,
                               keys_of(s, std::min(i0 + i, i0 + n - 1)), lp);
           } else {
-            softmax_rows512(sbuf.data(), pbuf.data(), inv, step, lk, lp);
+            softmax_rows512(sbuf.data(), pbuf.data(), inv, step, lk, lp, ls);
           }
           uint16_t* orow = a.out + (cu[s] + i0) * ors + h * d;
           if (amx) {
-            amx_attn_values(pbuf.data(), vpack.data() + off, inv, n, d, lp, nkeys, orow, ors);
+            amx_attn_values(pbuf.data(), vpack.data() + off, inv, n, d, lp, nkeys, orow, ors,
+                            ls);
             continue;
           }
           for (int64_t c0 = 0; c0 < d; c0 += 32) {
