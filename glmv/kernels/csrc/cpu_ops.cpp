@@ -420,10 +420,8 @@ template <typename T>
 void rotary_512(uint16_t* qp, int64_t tokens, int64_t heads, int64_t ts, int64_t hs,
                 const T* cp, int64_t cs, const T* sp, int64_t ss, int64_t rd, bool interleaved) {
   const int64_t nv = rd / 16;  // vectors per head (2 to 16)
-  const __m512i first_of_pair = _mm512_set_epi32(0, int32_t(0x80000000u), 0,
-      int32_t(0x80000000u), 0, int32_t(0x80000000u), 0, int32_t(0x80000000u), 0,
-      int32_t(0x80000000u), 0, int32_t(0x80000000u), 0, int32_t(0x80000000u), 0,
-      int32_t(0x80000000u));
+  // the sign bit of every even lane (the low half of each 64-bit lane)
+  const __m512i first_of_pair = _mm512_set1_epi64(int64_t(0x80000000u));
   const __m512i sign = _mm512_set1_epi32(int32_t(0x80000000u));
   at::parallel_for(0, tokens, 16, [&](int64_t t0, int64_t t1) {
     __m512 c[16], sn[16], x[16];
@@ -1785,10 +1783,9 @@ float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// softmax_rows on 16 lanes; lp a multiple of 16; rows of s and p ls apart (default lp)
+// softmax_rows on 16 lanes; lp a multiple of 16; rows of s and p ls apart
 void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
-                     int64_t lp, int64_t ls = 0) {
-  if (ls == 0) ls = lp;
+                     int64_t lp, int64_t ls) {
   for (int64_t i = 0; i < rows; ++i) {
     uint16_t* pr = p + i * ls;
     inv[i] = 1.0f / exp_row512(s + i * ls, len, lp, [pr](int64_t n, __m512 e) {
@@ -1862,15 +1859,14 @@ constexpr bool kBf16Attention = false;
 // of 16 rows x 16 keys or columns, so that every key or value tile read from L2 serves two
 // query tiles). The packed keys are lane blocks of 16 keys x head_dim and the packed values
 // lane blocks of 16 columns x keys: 32 head_dim values (32 keys) of a block are one B tile
-// as they lie. Rows of qb: d apart; of s: lp apart.
+// as they lie. Rows of qb: d apart; of s and p: ls apart (lp, the padded keys, or more).
 constexpr int64_t kAmxAttnRows = 32;
 
 void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t ls,
                      int64_t nkeys, float scale) {
-  const int64_t lp = ls;  // s's row stride
   const int64_t pairs = d / 2, steps = d / 32;
   const uint16_t* qb1 = qb + 16 * d;
-  float* s1 = s + 16 * lp;
+  float* s1 = s + 16 * ls;
   for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
     const uint16_t* k0 = kp + nb * pairs * 32;
     const uint16_t* k1 = k0 + pairs * 32;
@@ -1888,15 +1884,15 @@ void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
-    _tile_stored(0, s + nb * 16, lp * 4);
-    _tile_stored(1, s + nb * 16 + 16, lp * 4);
-    _tile_stored(2, s1 + nb * 16, lp * 4);
-    _tile_stored(3, s1 + nb * 16 + 16, lp * 4);
+    _tile_stored(0, s + nb * 16, ls * 4);
+    _tile_stored(1, s + nb * 16 + 16, ls * 4);
+    _tile_stored(2, s1 + nb * 16, ls * 4);
+    _tile_stored(3, s1 + nb * 16 + 16, ls * 4);
   }
   const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < kAmxAttnRows; ++i)
     for (int64_t n = 0; n < nkeys; n += 16)
-      _mm512_storeu_ps(s + i * lp + n, _mm512_mul_ps(_mm512_loadu_ps(s + i * lp + n), vscale));
+      _mm512_storeu_ps(s + i * ls + n, _mm512_mul_ps(_mm512_loadu_ps(s + i * ls + n), vscale));
 }
 
 // out rows [0, rows) = (p . v) * inv over the first nkeys keys (a multiple of 32)
@@ -2317,7 +2313,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           if (causal) {
             for (int64_t i = 0; i < step; ++i)
               softmax_rows512(sbuf.data() + i * ls, pbuf.data() + i * ls, inv + i, 1,
-                              keys_of(s, std::min(i0 + i, i0 + n - 1)), lp);
+                              keys_of(s, std::min(i0 + i, i0 + n - 1)), lp, ls);
           } else {
             softmax_rows512(sbuf.data(), pbuf.data(), inv, step, lk, lp, ls);
           }
