@@ -149,6 +149,23 @@ def test_varlen_attention_matches_fp64_sdpa(heads: int, head_dim: int, lens: lis
     assert err <= sdpa_err * 1.5 + 2e-3, (err, sdpa_err)
 
 
+def test_varlen_attention_softmax_ignores_padded_keys(product_path: str) -> None:
+    """Scores far below zero on every real key: the zero keys that pad a segment to the
+    kernel's blocks (score 0) must not set the softmax's maximum, or every probability would
+    underflow to zero."""
+    lens = [40, 100]
+    n = sum(lens)
+    q = torch.full((n, 2, 64), 8.0, dtype=BF16)
+    k = -_bf16(n, 2, 64, seed=7).abs() - 2.0  # every q . k below -2000 * scale
+    v = _bf16(n, 2, 64, seed=8)
+    cu = torch.tensor([0, 40, n])
+    out = torch.full((n, 2, 64), float("nan"), dtype=BF16)
+    ops.varlen_attention(out, q, k, v, cu, cu, 64**-0.5, False)
+    ref = _segment_reference(q, k, v, lens)
+    assert not out.isnan().any()
+    assert (out.double() - ref).abs().max() <= 2e-2
+
+
 def test_varlen_attention_keeps_segments_apart(product_path: str) -> None:
     """Changing one segment's keys and values leaves every other segment's output as it was."""
     lens = [40, 7, 90]

@@ -1392,8 +1392,9 @@ void amx_product(const A&, int64_t, int64_t) {
 }
 #endif
 
-// The buffers the products copy their rows into (slot 0: x, slot 1: int8 row scales): per
-// thread, kept from call to call up to 32 MiB. A fresh allocation of a megabyte or more is a
+// The buffers the products copy their rows into (slot 0: x, slot 1: int8 row scales) and
+// segment attention packs its keys and values into (slots 2 and 3): per thread, kept from
+// call to call up to 32 MiB each. A fresh allocation of a megabyte or more is a
 // fresh mapping, whose first touch costs a page fault per 4 KiB (~300 for a 512-row prefill
 // product, ~8% of its time); larger products (big vision batches) allocate for the call.
 constexpr size_t kKeptBufferBytes = size_t(32) << 20;
@@ -1413,7 +1414,7 @@ RowBuffer row_buffer(int slot, size_t bytes) {
     size_t size = 0;
     ~Buffer() { std::free(data); }
   };
-  thread_local Buffer buffers[2];
+  thread_local Buffer buffers[4];
   Buffer& b = buffers[slot];
   if (bytes > b.size) {
     const size_t size = (bytes + (size_t(1) << 20) - 1) & ~((size_t(1) << 20) - 1);
@@ -1783,26 +1784,67 @@ float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
   return _mm512_reduce_add_ps(sum);
 }
 
-// softmax_rows on 16 lanes; lp a multiple of 16; rows of s and p ls apart
+// 2^t on 16 lanes: t = n + f with n an integer and |f| <= 1/2, 2^f by a degree-5 polynomial
+// (relative error 2.4e-7, fitted on [-1/2, 1/2]), 2^n by scalef (0 far below, no clamps).
+inline __m512 exp2_512(__m512 t) {
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.327647129073739e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675540961325169e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550713092088699e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022120237350464e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_scalef_ps(p, n);
+}
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+// Softmax numerators of rows [0, rows) of raw scores s (the products q . k, rows ls apart, len
+// valid columns) as bf16 in p (rows ls apart, zeros from len to lp, a multiple of 16):
+// exp(scale * (s - max)) = 2^(s c - max c) with c = scale log2(e), one multiply-add and the
+// exp2 above. The row maxima come in rmax where the caller has them (else a first pass finds
+// them); 1 / the row sums go to inv.
 void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
-                     int64_t lp, int64_t ls) {
+                     int64_t lp, int64_t ls, float scale, const float* rmax) {
+  const __m512 c = _mm512_set1_ps(scale * kLog2e);
   for (int64_t i = 0; i < rows; ++i) {
+    const float* sr = s + i * ls;
     uint16_t* pr = p + i * ls;
-    inv[i] = 1.0f / exp_row512(s + i * ls, len, lp, [pr](int64_t n, __m512 e) {
+    float m;
+    if (rmax) {
+      m = rmax[i];
+    } else {
+      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+      int64_t n = 0;
+      for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
+      const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
+      if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
+      m = _mm512_reduce_max_ps(vmax);
+    }
+    const __m512 mc = _mm512_mul_ps(_mm512_set1_ps(m), c);
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t n = 0; n < lp; n += 16) {
+      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
+                             : n < len    ? __mmask16((1u << (len - n)) - 1)
+                                          : __mmask16(0);
+      const __m512 e = _mm512_maskz_mov_ps(
+          keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), c, mc)));
+      sum = _mm512_add_ps(sum, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
-    });
+    }
+    inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
   }
 }
 
 constexpr bool kBf16Attention = true;
 constexpr int64_t kAttnRows = 8;  // query rows per register block (x 2 registers of 16)
 
-// scores s[i][n] = scale * q_i . k_n for 8 rows of qb (contiguous rows of d) and the first
-// nkeys keys (a multiple of 32; row stride of s: lp)
+// scores s[i][n] = q_i . k_n (unscaled: the softmax scales them) for 8 rows of qb (contiguous
+// rows of d) and the first nkeys keys (a multiple of 32; row stride of s: lp)
 void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
-                 int64_t nkeys, float scale) {
+                 int64_t nkeys) {
   const int64_t pairs = d / 2;
-  const __m512 vscale = _mm512_set1_ps(scale);
   for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
     __m512 acc[kAttnRows][2];
     for (auto& row : acc)
@@ -1819,7 +1861,7 @@ void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, in
     }
     for (int i = 0; i < kAttnRows; ++i)
       for (int j = 0; j < 2; ++j)
-        _mm512_storeu_ps(s + i * lp + (nb + j) * 16, _mm512_mul_ps(acc[i][j], vscale));
+        _mm512_storeu_ps(s + i * lp + (nb + j) * 16, acc[i][j]);
   }
 }
 
@@ -1862,11 +1904,16 @@ constexpr bool kBf16Attention = false;
 // as they lie. Rows of qb: d apart; of s and p: ls apart (lp, the padded keys, or more).
 constexpr int64_t kAmxAttnRows = 32;
 
-void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t ls,
-                     int64_t nkeys, float scale) {
+// Raw scores (q . k) of 32 query rows (qs apart in qb); with rmax, also each row's maximum
+// over the first len keys (read back from L1 right after each tile store; padded keys past
+// len left out).
+void amx_attn_scores(const uint16_t* qb, int64_t qs, const uint16_t* kp, float* s, int64_t d,
+                     int64_t ls, int64_t nkeys, float* rmax, int64_t len) {
   const int64_t pairs = d / 2, steps = d / 32;
-  const uint16_t* qb1 = qb + 16 * d;
+  const uint16_t* qb1 = qb + 16 * qs;
   float* s1 = s + 16 * ls;
+  alignas(64) float lanes[kAmxAttnRows * 16];
+  if (rmax) std::fill_n(lanes, kAmxAttnRows * 16, -std::numeric_limits<float>::infinity());
   for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
     const uint16_t* k0 = kp + nb * pairs * 32;
     const uint16_t* k1 = k0 + pairs * 32;
@@ -1875,10 +1922,10 @@ void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d
     _tile_zero(2);
     _tile_zero(3);
     for (int64_t c = 0; c < steps; ++c) {
-      _tile_loadd(4, qb + c * 32, d * 2);
+      _tile_loadd(4, qb + c * 32, qs * 2);
       _tile_loadd(6, k0 + c * 512, 64);
       _tile_loadd(7, k1 + c * 512, 64);
-      _tile_loadd(5, qb1 + c * 32, d * 2);
+      _tile_loadd(5, qb1 + c * 32, qs * 2);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(2, 5, 6);
@@ -1888,11 +1935,20 @@ void amx_attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d
     _tile_stored(1, s + nb * 16 + 16, ls * 4);
     _tile_stored(2, s1 + nb * 16, ls * 4);
     _tile_stored(3, s1 + nb * 16 + 16, ls * 4);
+    if (!rmax) continue;
+    for (int64_t h = 0; h < 2; ++h) {
+      const int64_t k = (nb + h) * 16, valid = std::min<int64_t>(16, len - k);
+      if (valid <= 0) break;
+      const __mmask16 keep = __mmask16((1u << valid) - 1);
+      for (int64_t i = 0; i < kAmxAttnRows; ++i) {
+        const __m512 cur = _mm512_load_ps(lanes + i * 16);
+        _mm512_store_ps(lanes + i * 16,
+                        _mm512_mask_max_ps(cur, keep, cur, _mm512_loadu_ps(s + i * ls + k)));
+      }
+    }
   }
-  const __m512 vscale = _mm512_set1_ps(scale);
-  for (int64_t i = 0; i < kAmxAttnRows; ++i)
-    for (int64_t n = 0; n < nkeys; n += 16)
-      _mm512_storeu_ps(s + i * ls + n, _mm512_mul_ps(_mm512_loadu_ps(s + i * ls + n), vscale));
+  if (rmax)
+    for (int64_t i = 0; i < kAmxAttnRows; ++i) rmax[i] = _mm512_reduce_max_ps(_mm512_load_ps(lanes + i * 16));
 }
 
 // out rows [0, rows) = (p . v) * inv over the first nkeys keys (a multiple of 32)
@@ -1934,8 +1990,8 @@ void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, in
 constexpr bool kAmxAttention = true;
 #else
 constexpr int64_t kAmxAttnRows = 32;
-void amx_attn_scores(const uint16_t*, const uint16_t*, float*, int64_t, int64_t, int64_t,
-                     float) {
+void amx_attn_scores(const uint16_t*, int64_t, const uint16_t*, float*, int64_t, int64_t,
+                     int64_t, float*, int64_t) {
   TORCH_CHECK(false, "glmv: built without AMX");
 }
 void amx_attn_values(const uint16_t*, const uint16_t*, const float*, int64_t, int64_t, int64_t,
@@ -2258,13 +2314,16 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     std::vector<int64_t> pack_off{0};
     for (int64_t s = 0; s < segments; ++s)
       pack_off.push_back(pack_off.back() + padded(cuk[s + 1] - cuk[s]) * kv_heads * d);
-    std::vector<uint16_t> kpack(pack_off.back()), vpack(pack_off.back());
+    const size_t pack_bytes = size_t(pack_off.back()) * sizeof(uint16_t);
+    const RowBuffer kbuf = row_buffer(2, pack_bytes), vbuf = row_buffer(3, pack_bytes);
+    uint16_t* const kpack = reinterpret_cast<uint16_t*>(kbuf.data);
+    uint16_t* const vpack = reinterpret_cast<uint16_t*>(vbuf.data);
     at::parallel_for(0, segments * kv_heads, 1, [&](int64_t b, int64_t e) {
       for (int64_t sh = b; sh < e; ++sh) {
         const int64_t s = sh / kv_heads, h = sh % kv_heads;
         const int64_t lk = cuk[s + 1] - cuk[s], lp = padded(lk);
         const int64_t off = pack_off[s] + h * lp * d;
-        pack_kv(a, cuk[s], lk, h, lp, kpack.data() + off, vpack.data() + off);
+        pack_kv(a, cuk[s], lk, h, lp, kpack + off, vpack + off);
       }
     });
     // Segments of at least the bf16 products' AMX rows take AMX tiles (head_dim a multiple
@@ -2277,7 +2336,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
       std::vector<float> sbuf;
       std::vector<uint16_t> pbuf, qbuf;
-      float inv[kAmxAttnRows];
+      float inv[kAmxAttnRows], rmax[kAmxAttnRows];
       if (any_amx) load_tile_config();
       for (int64_t task = b; task < e; ++task) {
         const int64_t s = std::upper_bound(task_start.begin(), task_start.end(), task) -
@@ -2296,38 +2355,48 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
         const int64_t ls = amx ? lp + 32 : lp;
         sbuf.resize(kAmxAttnRows * ls);
         pbuf.resize(kAmxAttnRows * ls);
-        qbuf.assign(kAmxAttnRows * d, 0);
+        qbuf.resize(kAmxAttnRows * d);
         for (int64_t i0 = r0; i0 < r1; i0 += step) {
           const int64_t n = std::min(step, r1 - i0);
-          for (int64_t i = 0; i < n; ++i)
-            std::memcpy(qbuf.data() + i * d, a.q + (cu[s] + i0 + i) * a.qts + h * a.qhs,
-                        d * sizeof(uint16_t));
+          // AMX loads a whole block's query rows where they lie; other blocks copy them
+          const uint16_t* qrows = a.q + (cu[s] + i0) * a.qts + h * a.qhs;
+          const bool in_place = amx && n == step;
+          if (!in_place) {
+            if (n < step) std::fill(qbuf.begin(), qbuf.end(), 0);
+            for (int64_t i = 0; i < n; ++i)
+              std::memcpy(qbuf.data() + i * d, qrows + i * a.qts, d * sizeof(uint16_t));
+          }
           const int64_t kmax = keys_of(s, i0 + n - 1);  // the block's widest row
           const int64_t nkeys = std::min(lp, (kmax + 31) / 32 * 32);
+          // Without a mask, the AMX scores come with their row maxima.
+          const bool fused_max = amx && !causal;
           if (amx) {
-            amx_attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, ls, nkeys,
-                            a.scale);
+            amx_attn_scores(in_place ? qrows : qbuf.data(), in_place ? a.qts : d,
+                            kpack + off, sbuf.data(), d, ls, nkeys,
+                            fused_max ? rmax : nullptr, lk);
           } else {
-            attn_scores(qbuf.data(), kpack.data() + off, sbuf.data(), d, lp, nkeys, a.scale);
+            attn_scores(qbuf.data(), kpack + off, sbuf.data(), d, lp, nkeys);
           }
           if (causal) {
             for (int64_t i = 0; i < step; ++i)
               softmax_rows512(sbuf.data() + i * ls, pbuf.data() + i * ls, inv + i, 1,
-                              keys_of(s, std::min(i0 + i, i0 + n - 1)), lp, ls);
+                              keys_of(s, std::min(i0 + i, i0 + n - 1)), lp, ls, a.scale,
+                              nullptr);
           } else {
-            softmax_rows512(sbuf.data(), pbuf.data(), inv, step, lk, lp, ls);
+            softmax_rows512(sbuf.data(), pbuf.data(), inv, step, lk, lp, ls, a.scale,
+                            fused_max ? rmax : nullptr);
           }
           uint16_t* orow = a.out + (cu[s] + i0) * ors + h * d;
           if (amx) {
-            amx_attn_values(pbuf.data(), vpack.data() + off, inv, n, d, lp, nkeys, orow, ors,
+            amx_attn_values(pbuf.data(), vpack + off, inv, n, d, lp, nkeys, orow, ors,
                             ls);
             continue;
           }
           for (int64_t c0 = 0; c0 < d; c0 += 32) {
             if (d - c0 >= 32) {
-              attn_values<2>(pbuf.data(), vpack.data() + off, inv, n, d, lp, kmax, c0, orow, ors);
+              attn_values<2>(pbuf.data(), vpack + off, inv, n, d, lp, kmax, c0, orow, ors);
             } else {
-              attn_values<1>(pbuf.data(), vpack.data() + off, inv, n, d, lp, kmax, c0, orow, ors);
+              attn_values<1>(pbuf.data(), vpack + off, inv, n, d, lp, kmax, c0, orow, ors);
             }
           }
         }
