@@ -16,6 +16,7 @@ the rest is small and stays replicated); "data" keeps it whole on every rank, sh
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +33,7 @@ from glmv.layers.linear import (
     RowParallelLinear,
 )
 from glmv.layers.mlp import GatedMLP
-from glmv.layers.norm import RMSNorm
+from glmv.layers.norm import RMSNorm, add_rms_norm
 from glmv.layers.rotary import VisionRotaryEmbedding
 
 Grid = tuple[int, int, int]
@@ -152,6 +153,14 @@ class VisionBlock(nn.Module):
         x = x + self.attn(self.norm1(x), cos, sin, seg_lens)
         return x + self.mlp(self.norm2(x))
 
+    def forward_normed(self, x: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, seg_lens: Sequence[int],
+                       next_norm: RMSNorm) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` on x and its norm1(x) (`normed`), returning (out, next_norm(out)): each
+        residual add runs with the norm after it in one pass over the rows (the same bits)."""
+        h, normed = add_rms_norm(self.attn(normed, cos, sin, seg_lens), x, None, self.norm2)
+        return add_rms_norm(self.mlp(normed), h, None, next_norm)
+
 
 class VisionPatchMerger(GatedMLP):
     """proj -> LayerNorm -> GELU, then the SwiGLU (its gate_up_proj / down_proj, split over
@@ -177,6 +186,8 @@ class Glm4vVisionModel(nn.Module):
     #: of rows), never a decode-sized batch: its linear layers take the layout fastest for many
     #: rows (glmv.layers.linear.pack_linear_weights).
     many_rows = True
+    #: Grids whose patch positions, position embeddings and rotary tables are kept.
+    GRID_CACHE_SIZE = 64
 
     def __init__(self, cfg: VisionConfig, tp: TPGroup | None = None) -> None:
         super().__init__()
@@ -193,6 +204,7 @@ class Glm4vVisionModel(nn.Module):
         self.downsample = KernelEqualsStride(cfg.out_hidden_size, (cfg.hidden_size, m, m))
         self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size,
                                         layers_tp)
+        self._grids: OrderedDict[tuple[object, ...], tuple[torch.Tensor, ...]] = OrderedDict()
 
     def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """pixels: [P, patch_dim] for all items; grids: (t, h, w) per item -> [P / merge^2, D].
@@ -234,25 +246,46 @@ class Glm4vVisionModel(nn.Module):
         frames = [(h, w) for t, h, w in grids for _ in range(t)]
         seg_lens = [h * w for h, w in frames]
         x = self.post_conv_layernorm(self.patch_embed(pixels))
-        hw, pos = self._positions(frames, x.device)
-        x = x + pos.to(x.device)
-        cos, sin = self.rotary_pos_emb.cos_sin(hw)
-        for block in self.blocks:
-            x = block(x, cos, sin, seg_lens)
-        x = self.post_layernorm(x)
+        pos, cos, sin = self._positions(frames, x.device)
+        x = x + pos
+        blocks: list[VisionBlock] = list(self.blocks)  # type: ignore[arg-type]
+        normed = blocks[0].norm1(x)
+        for i, block in enumerate(blocks):
+            next_norm = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.post_layernorm
+            x, normed = block.forward_normed(x, normed, cos, sin, seg_lens, next_norm)
+        x = normed  # post_layernorm(x)
         m, hidden = self.cfg.spatial_merge_size, self.cfg.hidden_size
         x = x.view(-1, m, m, hidden).permute(0, 3, 1, 2).flatten(1)  # [P/m^2, hidden*m*m]
         return self.merger(self.downsample(x))
 
-    def _positions(self, frames: list[tuple[int, int]],
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, col) of every patch [P, 2] and its resampled position embedding [P, hidden]."""
-        hws, pos = [], []
-        cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        for h, w in frames:
-            if (h, w) not in cache:
-                hw = block_major_hw(h, w, self.cfg.spatial_merge_size, device)
-                cache[(h, w)] = (hw, self.embeddings.for_grid(hw, h, w))
-            hws.append(cache[(h, w)][0])
-            pos.append(cache[(h, w)][1])
-        return torch.cat(hws), torch.cat(pos)
+    def _positions(self, frames: list[tuple[int, int]], device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every patch's resampled position embedding [P, hidden] and its rotary cos and sin
+        [P, head_dim] (fp32), from the tables of each frame's grid."""
+        if len(frames) == 1:
+            return self._grid_tables(*frames[0], device)
+        pos, cos, sin = zip(*(self._grid_tables(h, w, device) for h, w in frames), strict=True)
+        return torch.cat(pos), torch.cat(cos), torch.cat(sin)
+
+    def _grid_tables(self, h: int, w: int, device: torch.device
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One grid's tables, kept for the next image of that size (a bicubic resampling of
+        the position table per call otherwise: ~3 ms for a 448x448 image); the key holds the
+        table's version, so loading new weights makes them anew."""
+        table = self.embeddings.position_embedding.weight
+        try:
+            version = table._version
+        except RuntimeError:  # an inference tensor: it keeps no version (nor changes)
+            version = -1
+        key = (h, w, str(device), table.data_ptr(), version, table.dtype)
+        tables = self._grids.get(key)
+        if tables is None:
+            hw = block_major_hw(h, w, self.cfg.spatial_merge_size, device)
+            pos = self.embeddings.for_grid(hw, h, w).to(device)
+            tables = (pos, *self.rotary_pos_emb.cos_sin(hw))
+            self._grids[key] = tables
+            if len(self._grids) > self.GRID_CACHE_SIZE:
+                self._grids.popitem(last=False)
+        else:
+            self._grids.move_to_end(key)
+        return tables  # type: ignore[return-value]
