@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -1215,7 +1216,10 @@ void amx_quad(const A& a, int64_t m, int64_t nb0) {
   _tile_zero(2);
   _tile_zero(3);
   for (int64_t s = 0; s < steps; ++s) {
-    const uint8_t* ahead = w + (s + kAmxPrefetchSteps) * 1024;
+    // kAmxPrefetchSteps ahead in each of the four blocks; in the last steps, the first steps
+    // of the next four (block b + 4 after block b), which the next quad starts on
+    const int64_t sa = s + kAmxPrefetchSteps;
+    const uint8_t* ahead = sa < steps ? w + sa * 1024 : w + 4 * bb + (sa - steps) * 1024;
     for (int l = 0; l < 16; ++l)
       for (int b = 0; b < 4; ++b)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + b * bb + l * 64), _MM_HINT_T0);
@@ -1328,10 +1332,11 @@ void amx_pair(const A& a, int64_t m, int64_t p0, int64_t p1, int64_t q, int64_t 
 // panel, 64-byte aligned
 template <class Sum>
 struct PanelSums {
-  std::vector<Sum> store;
+  std::unique_ptr<Sum[]> store;  // uninitialised: every stretch writes its sums first
   Sum* data;
-  explicit PanelSums(int64_t panel) : store(panel / (2 * kTileRows) * 1024 + 16) {
-    data = reinterpret_cast<Sum*>((reinterpret_cast<uintptr_t>(store.data()) + 63) &
+  explicit PanelSums(int64_t panel)
+      : store(new Sum[panel / (2 * kTileRows) * 1024 + 16]) {
+    data = reinterpret_cast<Sum*>((reinterpret_cast<uintptr_t>(store.get()) + 63) &
                                   ~uintptr_t(63));
   }
 };
