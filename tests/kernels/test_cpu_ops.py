@@ -479,7 +479,9 @@ def test_bf16_linear_swiglu_is_silu_and_mul_of_the_product(m: int, width: int, k
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16, 17, 40, 300])
-@pytest.mark.parametrize("n,k", [(37, 64), (1000, 256)])
+# K = 1024 with more than 64 rows: pairs of blocks in stretches of K, each block of rows
+# chosen from during the next one's last stretch
+@pytest.mark.parametrize("n,k", [(37, 64), (1000, 256), (1000, 1024)])
 def test_bf16_linear_argmax_is_argmax_rows_of_the_product(m: int, n: int, k: int,
                                                          product_path: str) -> None:
     """The greedy choice straight from the product is argmax_rows of the written product on
