@@ -104,4 +104,6 @@ def mrope_positions(
 
 def decode_positions(first_index: int, count: int, delta: int) -> torch.Tensor:
     """[3, count] positions of tokens first_index .. first_index+count-1 after the prompt."""
+    if count == 1:  # a decode token: one op instead of three (once per sequence per step)
+        return torch.full((3, 1), first_index + delta, dtype=torch.long)
     return torch.arange(first_index, first_index + count).expand(3, count) + delta

@@ -64,9 +64,8 @@ def build_step_inputs(chunks: list[SeqChunk], block_size: int,
         starts.append(len(ids))
         seq_lens.append(chunk.end)
     width = max(len(c.block_table) for c in chunks)
-    tables = torch.zeros(len(chunks), width, dtype=torch.int32)
-    for i, chunk in enumerate(chunks):
-        tables[i, : len(chunk.block_table)] = torch.tensor(chunk.block_table, dtype=torch.int32)
+    tables = torch.tensor([c.block_table + [0] * (width - len(c.block_table)) for c in chunks],
+                          dtype=torch.int32)
     meta = AttentionMetadata(
         query_start_loc=starts, seq_lens=seq_lens,
         slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
