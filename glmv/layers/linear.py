@@ -334,10 +334,14 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
     """`weight` (bf16 on CPU, `can_pack`) in the layout of the best product this machine has
     for its layer: `many_rows` for a layer that never multiplies decode-sized batches;
     `swiglu` for a [gate | up] projection (in SwiGLU pairs where glmv's blocks take it)."""
-    if many_rows and onednn_for_many_rows():
+    pairs = swiglu and weight.shape[0] % 2 == 0 and bf16_blocks_native()
+    # A [gate | up] projection keeps glmv's SwiGLU blocks even among many rows: their fused
+    # activation beats oneDNN's product plus a separate silu_and_mul pass over its output
+    # (the vision tower's 2048 x 512 -> 2 x 2048: 4.5 vs 4.9 ms, docs/engine.md).
+    if many_rows and onednn_for_many_rows() and not pairs:
         return OneDnnWeight.pack(weight, bias, MANY_ROWS_BATCH_HINT)
     if bf16_blocks_native():
-        return Bf16Blocks.pack(weight, bias, swiglu=swiglu and weight.shape[0] % 2 == 0)
+        return Bf16Blocks.pack(weight, bias, swiglu=pairs)
     return OneDnnWeight.pack(weight, bias)
 
 

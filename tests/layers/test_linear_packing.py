@@ -130,6 +130,38 @@ def test_many_rows_modules_take_onednn_where_it_wins(onednn_wins: bool,
     torch.testing.assert_close(model.tower.proj(x).float(), want.float(), rtol=1e-2, atol=5e-2)
 
 
+def test_many_rows_swiglu_projection_keeps_its_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a `many_rows` module where oneDNN wins the plain products, a [gate | up] projection
+    still takes glmv's SwiGLU blocks (their fused activation beats oneDNN's product plus a
+    separate pass); the module's other layers take oneDNN's layout."""
+    if not (linear.onednn_packing() and linear.bf16_blocks_native()):
+        pytest.skip("needs both oneDNN's packed kernels and glmv's AVX512-BF16 blocks")
+    from glmv.layers.mlp import GatedMLP
+
+    class MlpTower(nn.Module):
+        many_rows = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp = GatedMLP(64, 40)
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = MlpTower()
+
+    monkeypatch.setattr(linear, "onednn_for_many_rows", lambda: True)
+    model = _random_bf16(Model())
+    tower = model.tower
+    x = torch.randn(300, 64, dtype=torch.bfloat16)
+    want = tower.mlp(x)
+    assert pack_linear_weights(model) == 2
+    assert isinstance(tower.mlp.gate_up_proj.packed, Bf16Blocks)
+    assert tower.mlp.gate_up_proj.packed.swiglu
+    assert isinstance(tower.mlp.down_proj.packed, OneDnnWeight)
+    torch.testing.assert_close(tower.mlp(x).float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_swiglu_blocks_pair_gate_and_up_channels() -> None:
     """A [gate | up] weight in SwiGLU pairs: each half padded to whole blocks, blocks
     alternating gate, up; the rows, the product and its bias come back in [gate | up] order."""
