@@ -1177,29 +1177,10 @@ template <> struct AmxTraits<Int8Args> {
   static constexpr int64_t kElement = 1;
 };
 
-// The epilogue of a block of 32 x 32 sums (acc as store_tiles leaves it)
-template <int MT, int NT, class A, class Sum>
-void finish_tiles(const A& a, const Sum* acc, int64_t m, int64_t m0, int64_t nb0) {
-  const int64_t rows = std::min<int64_t>(m - m0, MT * kTileRows);
-  if constexpr (std::is_same_v<A, Bf16Args> && NT == 2) {
-    if (a.swiglu) {  // row i's gate sums at acc + i * 32, its up sums 16 further
-      const SwigluEpilogue out(a, nb0 / 2);
-      for (int64_t i = 0; i < rows; ++i) {
-        out.store(_mm512_loadu_ps(acc + i * 32), _mm512_loadu_ps(acc + i * 32 + 16), m0 + i);
-      }
-      return;
-    }
-  }
-  for (int j = 0; j < NT; ++j) {
-    const int64_t r0 = std::min<int64_t>(rows, kTileRows);
-    finish_block(a, acc + j * 16, m0, r0, nb0 + j);
-    if (MT > 1) finish_block(a, acc + 16 * 32 + j * 16, m0 + kTileRows, rows - r0, nb0 + j);
-  }
-}
-
-// finish_tiles<MT, 2> a few rows at a time: the epilogue of a block of sums (store_tiles'
-// layout: row i's sums for the pair's two channel blocks at acc + i * 32 and 16 further) of
-// rows [m0, end) (at most 32), both blocks holding channels.
+// The epilogue of a pair of channel blocks' sums (store_tiles' layout: row i's sums for the
+// two blocks at acc + i * 32 and 16 further) of rows [m0, end) (at most 32), both blocks
+// holding channels, a few rows at a time if need be. Each row takes its two blocks in order
+// (the greedy choice's first-of-equals rule).
 template <class A, class Sum>
 struct PairEpilogue;
 
@@ -1241,6 +1222,19 @@ struct PairEpilogue<Bf16Args, Sum> {
     }
   }
 };
+
+// The epilogue of a block of 32 x 32 sums (acc as store_tiles leaves it)
+template <int MT, int NT, class A, class Sum>
+void finish_tiles(const A& a, const Sum* acc, int64_t m, int64_t m0, int64_t nb0) {
+  const int64_t end = std::min<int64_t>(m, m0 + MT * kTileRows);
+  if constexpr (NT == 2) {
+    PairEpilogue<A, Sum>(a, acc, m0, end, nb0)(0, MT * kTileRows);
+  } else {
+    const int64_t r0 = std::min<int64_t>(end - m0, kTileRows);
+    finish_block(a, acc, m0, r0, nb0);
+    if (MT > 1) finish_block(a, acc + 16 * 32, m0 + kTileRows, end - m0 - r0, nb0);
+  }
+}
 
 // x's tiles from row m0 (a multiple of 16): AMX products take x as whole tiles, the 16 rows
 // of one K step (1 KiB) after another (amx_x_layout), so each tile load reads 1 KiB in
@@ -1350,32 +1344,28 @@ void amx_pair_chunked(const A& a, int64_t p0, int64_t p1, int64_t q, int64_t ste
       Sum* acc = cbuf + (r - p0) / (2 * kTileRows) * 1024;
       const void* from = s0 == 0 ? nullptr : acc;
       const bool tall = p1 - r > kTileRows;
-      if (last && r > p0) {
-        const PairEpilogue<A, Sum> before(a, acc - 1024, r - 2 * kTileRows, r, 2 * q);
-        auto work = [&](int64_t i) { before(i * rows_per_step, (i + 1) * rows_per_step); };
+      auto tiles = [&](const auto& after_step) {
         if (tall) {
           amx_tiles<T::kInt8, 2, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from,
-                                    work);
+                                    after_step);
+          store_tiles<2, 2>(acc);
         } else {
           amx_tiles<T::kInt8, 1, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from,
-                                    work);
+                                    after_step);
+          store_tiles<1, 2>(acc);
         }
-      } else if (tall) {
-        amx_tiles<T::kInt8, 2, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from);
+      };
+      if (last && r > p0) {
+        const PairEpilogue<A, Sum> before(a, acc - 1024, r - 2 * kTileRows, r, 2 * q);
+        tiles([&](int64_t i) { before(i * rows_per_step, (i + 1) * rows_per_step); });
       } else {
-        amx_tiles<T::kInt8, 1, 2>(amx_x_tiles(a, r), block_bytes, w, block_bytes, s0, s1, from);
-      }
-      if (tall) {
-        store_tiles<2, 2>(acc);
-      } else {
-        store_tiles<1, 2>(acc);
+        tiles(NoStepWork());
       }
     }
   }
   // the last block of rows
   const int64_t r_last = p0 + (p1 - p0 - 1) / (2 * kTileRows) * (2 * kTileRows);
-  PairEpilogue<A, Sum>(a, cbuf + (r_last - p0) / (2 * kTileRows) * 1024, r_last, p1, 2 * q)(
-      0, 2 * kTileRows);
+  finish_tiles<2, 2>(a, cbuf + (r_last - p0) / (2 * kTileRows) * 1024, p1, r_last, 2 * q);
 }
 
 // Rows [p0, p1) of channel pair q (its second block where it has one)
@@ -1836,18 +1826,23 @@ void softmax_rows(float* s, uint16_t* p, float* inv, int64_t rows, int64_t len, 
 }
 
 #if defined(__AVX512BF16__)
-// exp(s[n] - max) of one row on 16 lanes, handed to store(n, e) for n in [0, lp) in steps of
-// 16 (zeros past len); returns the sum over [0, len). lp a multiple of 16.
-template <typename Store>
-float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
+// max(sr[0, len)) on 16 lanes
+inline float row_max512(const float* sr, int64_t len) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t n = 0;
   for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
   const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
   if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
-  const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+  return _mm512_reduce_max_ps(vmax);
+}
+
+// exp(s[n] - max) of one row on 16 lanes, handed to store(n, e) for n in [0, lp) in steps of
+// 16 (zeros past len); returns the sum over [0, len). lp a multiple of 16.
+template <typename Store>
+float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
+  const __m512 m = _mm512_set1_ps(row_max512(sr, len));
   __m512 sum = _mm512_setzero_ps();
-  for (n = 0; n < lp; n += 16) {
+  for (int64_t n = 0; n < lp; n += 16) {
     const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
                            : n < len    ? __mmask16((1u << (len - n)) - 1)
                                         : __mmask16(0);
@@ -1885,17 +1880,7 @@ void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int6
   for (int64_t i = 0; i < rows; ++i) {
     const float* sr = s + i * ls;
     uint16_t* pr = p + i * ls;
-    float m;
-    if (rmax) {
-      m = rmax[i];
-    } else {
-      __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      int64_t n = 0;
-      for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
-      const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
-      if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
-      m = _mm512_reduce_max_ps(vmax);
-    }
+    const float m = rmax != nullptr ? rmax[i] : row_max512(sr, len);
     const __m512 mc = _mm512_mul_ps(_mm512_set1_ps(m), c);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t n = 0; n < lp; n += 16) {
@@ -2021,8 +2006,10 @@ void amx_attn_scores(const uint16_t* qb, int64_t qs, const uint16_t* kp, float* 
       }
     }
   }
-  if (rmax)
-    for (int64_t i = 0; i < kAmxAttnRows; ++i) rmax[i] = _mm512_reduce_max_ps(_mm512_load_ps(lanes + i * 16));
+  if (rmax) {
+    for (int64_t i = 0; i < kAmxAttnRows; ++i)
+      rmax[i] = _mm512_reduce_max_ps(_mm512_load_ps(lanes + i * 16));
+  }
 }
 
 // out rows [0, rows) = (p . v) * inv over the first nkeys keys (a multiple of 32)
