@@ -37,6 +37,7 @@ from glmv.layers.norm import RMSNorm, add_rms_norm
 from glmv.layers.rotary import VisionRotaryEmbedding
 
 Grid = tuple[int, int, int]
+GridTables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # position embeddings, cos, sin
 
 
 def block_major_hw(grid_h: int, grid_w: int, merge: int, device: torch.device) -> torch.Tensor:
@@ -186,7 +187,7 @@ class Glm4vVisionModel(nn.Module):
     #: of rows), never a decode-sized batch: its linear layers take the layout fastest for many
     #: rows (glmv.layers.linear.pack_linear_weights).
     many_rows = True
-    #: Grids whose patch positions, position embeddings and rotary tables are kept.
+    #: Grids whose position embeddings and rotary tables are kept (`_grid_tables`).
     GRID_CACHE_SIZE = 64
 
     def __init__(self, cfg: VisionConfig, tp: TPGroup | None = None) -> None:
@@ -204,7 +205,7 @@ class Glm4vVisionModel(nn.Module):
         self.downsample = KernelEqualsStride(cfg.out_hidden_size, (cfg.hidden_size, m, m))
         self.merger = VisionPatchMerger(cfg.out_hidden_size, cfg.intermediate_size,
                                         layers_tp)
-        self._grids: OrderedDict[tuple[object, ...], tuple[torch.Tensor, ...]] = OrderedDict()
+        self._grids: OrderedDict[tuple[object, ...], GridTables] = OrderedDict()
 
     def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """pixels: [P, patch_dim] for all items; grids: (t, h, w) per item -> [P / merge^2, D].
@@ -258,8 +259,7 @@ class Glm4vVisionModel(nn.Module):
         x = x.view(-1, m, m, hidden).permute(0, 3, 1, 2).flatten(1)  # [P/m^2, hidden*m*m]
         return self.merger(self.downsample(x))
 
-    def _positions(self, frames: list[tuple[int, int]], device: torch.device
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _positions(self, frames: list[tuple[int, int]], device: torch.device) -> GridTables:
         """Every patch's resampled position embedding [P, hidden] and its rotary cos and sin
         [P, head_dim] (fp32), from the tables of each frame's grid."""
         if len(frames) == 1:
@@ -267,8 +267,7 @@ class Glm4vVisionModel(nn.Module):
         pos, cos, sin = zip(*(self._grid_tables(h, w, device) for h, w in frames), strict=True)
         return torch.cat(pos), torch.cat(cos), torch.cat(sin)
 
-    def _grid_tables(self, h: int, w: int, device: torch.device
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _grid_tables(self, h: int, w: int, device: torch.device) -> GridTables:
         """One grid's tables, kept for the next image of that size (a bicubic resampling of
         the position table per call otherwise: ~3 ms for a 448x448 image); the key holds the
         table's version, so loading new weights makes them anew."""
@@ -282,10 +281,11 @@ class Glm4vVisionModel(nn.Module):
         if tables is None:
             hw = block_major_hw(h, w, self.cfg.spatial_merge_size, device)
             pos = self.embeddings.for_grid(hw, h, w).to(device)
-            tables = (pos, *self.rotary_pos_emb.cos_sin(hw))
+            cos, sin = self.rotary_pos_emb.cos_sin(hw)
+            tables = (pos, cos, sin)
             self._grids[key] = tables
             if len(self._grids) > self.GRID_CACHE_SIZE:
                 self._grids.popitem(last=False)
         else:
             self._grids.move_to_end(key)
-        return tables  # type: ignore[return-value]
+        return tables
