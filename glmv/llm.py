@@ -112,7 +112,7 @@ class LLM:
         try:
             for i, (request_id, prompt) in enumerate(zip(ids, prompts, strict=True)):
                 engine.add_request(request_id, prompt, params[i],
-                                   priority=priority[i] if priority else 0)
+                                   priority=priority[i] if priority else 0, final_only=True)
             return self._drain(ids, use_tqdm)
         finally:
             engine.abort_request(ids)  # whatever did not finish (an exception, Ctrl-C)

@@ -115,6 +115,7 @@ class _Add:
     prompt: ProcessedPrompt
     params: SamplingParams
     priority: int
+    final_only: bool
     stream: _Stream
     done: concurrent.futures.Future[None]
 
@@ -251,8 +252,13 @@ class AsyncEngine:
     # -- requests ----------------------------------------------------------------------------
 
     async def add(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                  priority: int = 0) -> RequestStream:
+                  priority: int = 0, final_only: bool = False) -> RequestStream:
         """Queue a request; its outputs come from the returned stream, which must be closed.
+
+        `final_only`: the stream gets one output, the finished one (with the time of the first
+        token in `first_token_time`), instead of one per step: a caller that answers with the
+        whole completion saves the event loop's wake-up, and the cores it takes from the
+        kernels, on every step.
 
         Raises the engine's typed error when the request cannot be added (prompt too long,
         bad token ids) and QueueFullError when the server holds `max_queue_len` requests.
@@ -271,7 +277,8 @@ class AsyncEngine:
                     f"the server has {self._num_pending} requests in flight, its limit "
                     "(--max-queue-len); retry later")
             self._num_pending += 1
-            self._commands.put(_Add(request_id, prompt, params, priority, stream, done))
+            self._commands.put(_Add(request_id, prompt, params, priority, final_only, stream,
+                                    done))
         handle = RequestStream(self, request_id, stream)
         try:
             await asyncio.wrap_future(done)
@@ -281,10 +288,12 @@ class AsyncEngine:
         return handle
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Add a request and yield its outputs until it finishes; leaving the loop early
-        (client gone, task cancelled) aborts the request."""
-        handle = await self.add(request_id, prompt, params, priority)
+                       priority: int = 0, final_only: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its outputs until it finishes (only the finished one with
+        `final_only`); leaving the loop early (client gone, task cancelled) aborts the
+        request."""
+        handle = await self.add(request_id, prompt, params, priority, final_only)
         try:
             async for output in handle:
                 yield output
@@ -368,7 +377,8 @@ class AsyncEngine:
             return
         try:
             self.engine.add_request(command.request_id, command.prompt, command.params,
-                                    priority=command.priority, arrival_time=time.monotonic())
+                                    priority=command.priority, arrival_time=time.monotonic(),
+                                    final_only=command.final_only)
         except Exception as exc:
             command.done.set_exception(exc)
             return

@@ -68,6 +68,7 @@ class _Group:
 
     request_id: str
     prompt: ProcessedPrompt
+    final_only: bool = False  # step() reports it once, when it has finished
     completions: list[_Completion] = field(default_factory=list)
 
     @property
@@ -173,8 +174,13 @@ class LLMEngine:
     # -- requests ----------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
-        """Queue a preprocessed prompt; raises PromptError/GlmvError when it cannot run."""
+                    priority: int = 0, arrival_time: float | None = None,
+                    final_only: bool = False) -> None:
+        """Queue a preprocessed prompt; raises PromptError/GlmvError when it cannot run.
+
+        `final_only`: step() leaves the request out of its outputs until it has finished
+        (callers that only want the whole completion: no per-step output objects, and no
+        per-step hand-over to a consumer thread)."""
         if request_id in self._groups:
             raise GlmvError(f"request id {request_id!r} is already in use")
         self._check_prompt(prompt)
@@ -184,7 +190,7 @@ class LLMEngine:
             params = replace(params, max_tokens=max_len - num_prompt)
         spans = tuple(MMSpan(item.offset, item.length, item.content_hash, i)
                       for i, item in enumerate(prompt.mm_items))
-        group = _Group(request_id, prompt)
+        group = _Group(request_id, prompt, final_only)
         leader: Request | None = None
         for index in range(params.n):
             child_params = params.for_child(index) if params.n > 1 else params
@@ -262,7 +268,8 @@ class LLMEngine:
                 completion.error = result.failed[request.request_id]
             self._absorb(completion, result)
             touched[group.request_id] = group
-        outputs = [self._output(group) for group in touched.values()]
+        outputs = [self._output(group) for group in touched.values()
+                   if group.finished or not group.final_only]
         for group in touched.values():
             if group.finished:
                 self._retire(group)
@@ -328,11 +335,14 @@ class LLMEngine:
                 delta_token_ids=new_ids,
             ))
         leader = group.completions[0].request
+        firsts = [c.request.first_token_time for c in group.completions
+                  if c.request.first_token_time is not None]
         return RequestOutput(
             request_id=group.request_id, prompt=prompt.prompt,
             prompt_token_ids=prompt.token_ids, outputs=outputs, finished=group.finished,
             num_image_tokens=prompt.num_image_tokens, num_video_tokens=prompt.num_video_tokens,
-            num_cached_tokens=max(leader.num_cached_tokens, 0))
+            num_cached_tokens=max(leader.num_cached_tokens, 0),
+            first_token_time=min(firsts, default=None))
 
     def _retire(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)

@@ -104,6 +104,9 @@ class RequestOutput:
     num_image_tokens: int = 0  # prompt tokens filled by images
     num_video_tokens: int = 0  # prompt tokens filled by video frames
     num_cached_tokens: int = 0  # prompt tokens served by the prefix cache
+    # time.monotonic() when its first output token was sampled (the earliest of its
+    # completions); None before that. A final-only caller's time to first token.
+    first_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -128,6 +128,7 @@ class Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the full blocks, in order
         self.num_preemptions = 0
         self.stop_reason: int | str | None = None  # the stop token id or stop string
+        self.first_token_time: float | None = None  # time.monotonic() of its first output
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -150,6 +151,8 @@ class Request:
         return self.status.is_finished
 
     def append_output_token(self, token_id: int) -> None:
+        if self.first_token_time is None:
+            self.first_token_time = time.monotonic()
         self.all_token_ids.append(token_id)
         if self.thinking_budget is not None:
             self.thinking_budget.observe(len(self.all_token_ids) - 1, token_id)

@@ -191,14 +191,11 @@ async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest,
 
 async def _collect(ctx: ServerContext, plan: ChatPlan) -> tuple[RequestOutput, float | None]:
     final: RequestOutput | None = None
-    first_token = None
-    async for output in ctx.engine.generate(plan.request_id, plan.prompt, plan.params,
-                                            0):
-        if first_token is None and any(c.token_ids for c in output.outputs):
-            first_token = time.monotonic()
+    async for output in ctx.engine.generate(plan.request_id, plan.prompt, plan.params, 0,
+                                            final_only=True):
         final = output
     assert final is not None and final.finished
-    return final, first_token
+    return final, final.first_token_time
 
 
 def _finish_reason(completion: CompletionOutput, parsed_calls: bool) -> str | None:
@@ -260,7 +257,6 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
             data["usage"] = usage
         return _sse(data)
 
-    first_token: float | None = None
     final: RequestOutput | None = None
     try:
         for index in range(n):
@@ -270,8 +266,6 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
         try:
             async for output in with_deadline(handle, ctx.config.request_timeout):
                 final = output
-                if first_token is None and any(c.token_ids for c in output.outputs):
-                    first_token = time.monotonic()
                 choices = []
                 for completion in output.outputs:
                     i = completion.index
@@ -287,7 +281,7 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
         finally:
             handle.close()
         if final is not None:
-            ctx.record_finished(final, plan.arrival, first_token)
+            ctx.record_finished(final, plan.arrival, final.first_token_time)
             if include_usage:
                 # The streaming parsers hold each choice's final parse already.
                 reasoning = sum(reasoning_tokens(ctx, c, parsers[c.index].result(),

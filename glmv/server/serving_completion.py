@@ -54,14 +54,12 @@ def _process(ctx: ServerContext, prompt: str | list[int]) -> ProcessedPrompt:
 async def _run_all(ctx: ServerContext, request_id: str, prompts: Sequence[ProcessedPrompt],
                    params: SamplingParams, priority: int) -> list[RequestOutput]:
     async def one(index: int, prompt: ProcessedPrompt) -> RequestOutput:
-        arrival, first, final = time.monotonic(), None, None
+        arrival, final = time.monotonic(), None
         async for output in ctx.engine.generate(f"{request_id}-{index}", prompt, params,
-                                                priority):
-            if first is None and any(c.token_ids for c in output.outputs):
-                first = time.monotonic()
+                                                priority, final_only=True):
             final = output
         assert final is not None
-        ctx.record_finished(final, arrival, first)
+        ctx.record_finished(final, arrival, final.first_token_time)
         return final
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
@@ -130,9 +128,12 @@ async def _stream(ctx: ServerContext, body: CompletionRequest, model: str, reque
     finals: dict[int, RequestOutput] = {}
 
     async def pump(index: int, prompt: ProcessedPrompt) -> None:
+        arrival = time.monotonic()
         outputs = ctx.engine.generate(f"{request_id}-{index}", prompt, params, body.priority)
         async for output in with_deadline(outputs, ctx.config.request_timeout):
             await queue.put((index, output))
+            if output.finished:
+                ctx.record_finished(output, arrival, output.first_token_time)
 
     tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(prompts)]
     gathered = asyncio.ensure_future(asyncio.gather(*tasks))
@@ -251,9 +252,12 @@ def _generate_fields(body: GenerateRequest) -> SamplingFields:
 
 async def _generate_stream(ctx: ServerContext, request_id: str, prompt: ProcessedPrompt,
                            params: SamplingParams, tgi: bool) -> AsyncIterator[str]:
+    arrival = time.monotonic()
     try:
         async for output in with_deadline(ctx.engine.generate(request_id, prompt, params, 0),
                                           ctx.config.request_timeout):
+            if output.finished:
+                ctx.record_finished(output, arrival, output.first_token_time)
             c = output.outputs[0]
             if c.error is not None:
                 raise EngineError(c.error)

@@ -88,6 +88,26 @@ def test_concurrent_requests_equal_the_synchronous_engine(engine: AsyncEngine,
     assert engine.stats.num_running == 0 and engine.stats.num_steps >= 12
 
 
+def test_a_final_only_stream_gets_one_output_with_the_whole_completion(
+        engine: AsyncEngine, loaded: Any) -> None:
+    params = SamplingParams.greedy(max_tokens=12, ignore_eos=True)
+    [prompt] = prompts(loaded[0], 1)
+    [want] = run_engine(make_engine(*loaded, max_model_len=256), [prompt], params)
+
+    async def main() -> tuple[list[Any], float]:
+        started = time.monotonic()
+        return [o async for o in engine.generate("f", prompt, params, final_only=True)], started
+
+    outputs, started = asyncio.run(main())
+    [final] = outputs
+    assert final.finished
+    assert final.outputs[0].token_ids == want.outputs[0].token_ids
+    assert final.outputs[0].text == want.outputs[0].text
+    assert final.first_token_time is not None
+    assert started < final.first_token_time < time.monotonic()
+    _wait_until(lambda: _all_free(engine))
+
+
 def test_leaving_a_stream_early_aborts_the_request(engine: AsyncEngine, loaded: Any) -> None:
     params = SamplingParams.greedy(max_tokens=200, ignore_eos=True)
 

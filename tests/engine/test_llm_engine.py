@@ -4,6 +4,7 @@ budget, aborts, bad input and a failing step — each without disturbing other r
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
 import pytest
@@ -123,6 +124,34 @@ def test_streamed_deltas_add_up(engine: Any, loaded: Any) -> None:
             final = output
     assert final is not None and final.finished
     assert (text, ids) == (final.outputs[0].text, final.outputs[0].token_ids)
+
+
+def test_final_only_requests_report_once_with_the_same_result(engine: Any,
+                                                              loaded: Any) -> None:
+    prompt = chat(loaded[0], "Stream this.")
+    params = SamplingParams.greedy(max_tokens=12, ignore_eos=True, n=2, seed=3)
+    engine.add_request("steps", prompt, params)
+    engine.add_request("final", prompt, params, final_only=True)
+    seen: dict[str, list[RequestOutput]] = {"steps": [], "final": []}
+    started, step_ends = time.monotonic(), []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            seen[output.request_id].append(output)
+        step_ends.append(time.monotonic())
+    assert len(seen["steps"]) >= 12
+    [final] = seen["final"]
+    streamed = seen["steps"][-1]
+    assert final.finished and streamed.finished
+    for got, want in zip(final.outputs, streamed.outputs, strict=True):
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            want.token_ids, want.text, want.finish_reason)
+        # The one output's delta is everything, as the sum of the per-step deltas would be.
+        assert (got.delta_token_ids, got.delta_text) == (got.token_ids, got.text)
+    # Its first token's time is within the first step (both prefilled in it), not the end.
+    assert final.first_token_time is not None
+    assert started < final.first_token_time <= step_ends[0] < step_ends[-1]
+    assert seen["steps"][0].first_token_time is not None
+    assert_all_blocks_free(engine)
 
 
 def test_seed_gives_the_same_tokens_alone_or_in_a_batch(engine: Any, loaded: Any) -> None:

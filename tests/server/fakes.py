@@ -9,6 +9,7 @@ the engine would emit it; the request's prompt and parameters are kept for inspe
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,14 +48,16 @@ class ScriptedEngine(AsyncEngine):
         self.params: list[SamplingParams] = []
 
     async def add(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                  priority: int = 0) -> Any:
+                  priority: int = 0, final_only: bool = False) -> Any:
         self.prompts.append(prompt)
         self.params.append(params)
-        return ScriptedStream(self._outputs(request_id, prompt, params))
+        outputs = self._outputs(request_id, prompt, params)
+        return ScriptedStream(outputs[-1:] if final_only else outputs)
 
     async def generate(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        stream = await self.add(request_id, prompt, params, priority)
+                       priority: int = 0, final_only: bool = False,
+                       ) -> AsyncIterator[RequestOutput]:
+        stream = await self.add(request_id, prompt, params, priority, final_only)
         async for output in stream:
             yield output
 
@@ -65,7 +68,7 @@ class ScriptedEngine(AsyncEngine):
         detoks = [IncrementalDetokenizer(tok, params.skip_special_tokens, params.stop,
                                          params.include_stop_str_in_output,
                                          params.keep_special_token_ids) for _ in scripts]
-        outputs, steps = [], max(len(s) for s in scripts)
+        outputs, steps, first_token = [], max(len(s) for s in scripts), time.monotonic()
         for step in range(steps):
             completions = []
             for index, (ids, detok) in enumerate(zip(scripts, detoks, strict=True)):
@@ -79,5 +82,5 @@ class ScriptedEngine(AsyncEngine):
             outputs.append(RequestOutput(
                 request_id, prompt.prompt, prompt.token_ids, completions,
                 finished=step == steps - 1, num_image_tokens=prompt.num_image_tokens,
-                num_video_tokens=prompt.num_video_tokens))
+                num_video_tokens=prompt.num_video_tokens, first_token_time=first_token))
         return outputs

@@ -119,6 +119,26 @@ def test_metrics_count_requests_tokens_and_latency(server_client: Any) -> None:
         assert _metric(text, gauge) == 0, gauge
 
 
+def test_metrics_count_every_endpoint_streamed_or_not(server_client: Any) -> None:
+    client = server_client("glm-4.6v")
+    greedy = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    for stream in (False, True):
+        client.post("/v1/chat/completions", json={"messages": user("hi"), "stream": stream,
+                                                  **greedy})
+        client.post("/v1/completions", json={"prompt": ["a", "b"], "stream": stream, **greedy})
+        client.post("/generate", json={"prompt": "c", "stream": stream, **greedy})
+    text = client.get("/metrics").text
+    finished = 2 * (1 + 2 + 1)
+    assert _metric(text, 'glmv_requests_finished_total{reason="length"}') == finished
+    assert _metric(text, "glmv_generation_tokens_total") == 4 * finished
+    assert _metric(text, "glmv_time_to_first_token_seconds_count") == finished
+    assert _metric(text, "glmv_time_per_output_token_seconds_count") == finished
+    assert _metric(text, "glmv_e2e_request_latency_seconds_count") == finished
+    # Each request's first token comes after its arrival and before its end.
+    ttft = _metric(text, "glmv_time_to_first_token_seconds_sum")
+    assert 0 < ttft < _metric(text, "glmv_e2e_request_latency_seconds_sum")
+
+
 def test_oversized_bodies_are_413_before_parsing(server_client: Any) -> None:
     client = server_client("glm-4.6v-flash", max_request_bytes=4096)
     small = {"messages": user("hi"), "max_tokens": 1}
