@@ -61,6 +61,9 @@ class SchedulerConfig:
     max_model_len: int = 32768  # prompt + output tokens of one request
     enable_chunked_prefill: bool = True  # False: a prompt is scheduled whole or waits
     policy: Literal["fcfs", "priority"] = "fcfs"  # priority: lower value runs first
+    # A step that finishes some prompt (a first token) starts no prompt it cannot finish: that
+    # chunk would only delay the first token, since the next step can take the whole prompt.
+    hold_partial_prefills: bool = True
 
     def __post_init__(self) -> None:
         _positive("max_num_seqs", self.max_num_seqs)

@@ -6,7 +6,9 @@ some of the rest; chunked prefill, prefix hits, resumed preemptions and decodes 
     schedule():  budget = max_num_batched_tokens
       1. running requests, in order: the rest of their tokens, capped by the budget; when blocks
          run out, preempt (FCFS: the last running; priority: the least urgent) and retry
-      2. if nobody was preempted: waiting requests (prefix hit first) while seats and budget last
+      2. if nobody was preempted: waiting requests (prefix hit first) while seats and budget
+         last; a prompt that would only start (not finish) in a step that already gives some
+         request its first token waits for the next step (`hold_partial_prefills`)
     update_from_output(): advance num_computed_tokens, cache the blocks that filled up (only
          now: the KV exists), append sampled tokens, finish on stops
 """
@@ -190,7 +192,8 @@ class Scheduler:
                 computed_blocks, num_hit = self.block_manager.get_computed_blocks(request)
             num_computed = request.num_computed_tokens + num_hit
             num_new = min(request.num_tokens, config.max_model_len) - num_computed
-            if not config.enable_chunked_prefill and num_new > budget:
+            if num_new > budget and (not config.enable_chunked_prefill or (
+                    config.hold_partial_prefills and _gives_first_tokens(output))):
                 break
             num_new = min(num_new, budget)
             table = self.block_manager.allocate_slots(request, num_new, computed_blocks)
@@ -242,3 +245,8 @@ class Scheduler:
                         self._finish(request, request.status)
                 changed.append(request)
         return changed
+
+
+def _gives_first_tokens(output: SchedulerOutput) -> bool:
+    """Some chunk of this step finishes a prompt: its request gets its first token."""
+    return any(c.samples and c.request.num_output_tokens == 0 for c in output.chunks)

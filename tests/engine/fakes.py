@@ -84,11 +84,12 @@ def make_request(request_id: str, prompt: Sequence[int] | int, max_tokens: int |
 
 def make_scheduler(num_blocks: int = 64, prefix: bool = True, max_num_batched_tokens: int = 64,
                    max_model_len: int = 64, max_num_seqs: int = 8, policy: str = "fcfs",
-                   chunked: bool = True) -> Scheduler:
+                   chunked: bool = True, hold: bool = True) -> Scheduler:
     config = SchedulerConfig(max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=max_num_batched_tokens,
                              max_model_len=max_model_len, enable_chunked_prefill=chunked,
-                             policy=policy)  # type: ignore[arg-type]
+                             policy=policy,  # type: ignore[arg-type]
+                             hold_partial_prefills=hold)
     return Scheduler(config, BlockManager(num_blocks, BS, prefix))
 
 

@@ -98,10 +98,37 @@ def test_disabled_chunked_prefill_waits_for_room_for_the_whole_prompt() -> None:
     sched.add_request(make_request("c", [40, 41]))  # fits, but FCFS does not jump the queue
     assert chunks_of(step(sched, runner)[0]) == [("a", 0, 10)]
     assert chunks_of(step(sched, runner)[0]) == [("a", 10, 1), ("b", 0, 10), ("c", 0, 2)]
-    chunked = make_scheduler(max_num_batched_tokens=16, max_model_len=16)
+    chunked = make_scheduler(max_num_batched_tokens=16, max_model_len=16, hold=False)
     chunked.add_request(make_request("a", 10))
     chunked.add_request(make_request("b", list(range(20, 30))))
     assert chunks_of(step(chunked, runner)[0]) == [("a", 0, 10), ("b", 0, 6)]
+
+
+@pytest.mark.parametrize("hold", [True, False])
+def test_a_step_that_gives_a_first_token_starts_no_prompt_it_cannot_finish(hold: bool) -> None:
+    sched, runner = make_scheduler(max_num_batched_tokens=16, hold=hold), FakeRunner()
+    sched.add_request(make_request("a", 10, max_tokens=8))
+    sched.add_request(make_request("b", list(range(20, 30)), max_tokens=8))  # 10 > 6 left
+    sched.add_request(make_request("c", [40, 41], max_tokens=8))  # fits, but FCFS keeps order
+    first, _ = step(sched, runner)
+    if not hold:  # packed: b's first 6 tokens ride along and a's first token waits for them
+        assert chunks_of(first) == [("a", 0, 10), ("b", 0, 6)]
+        return
+    assert chunks_of(first) == [("a", 0, 10)]
+    # A prompt that fits whole still joins a step that gives first tokens.
+    assert chunks_of(step(sched, runner)[0]) == [("a", 10, 1), ("b", 0, 10), ("c", 0, 2)]
+    # Steps of decodes only still start a prompt longer than what is left of the budget ...
+    sched.add_request(make_request("d", list(range(50, 80)), max_tokens=8))
+    assert chunks_of(step(sched, runner)[0]) == [("a", 11, 1), ("b", 10, 1), ("c", 2, 1),
+                                                 ("d", 0, 13)]
+    # ... and a running prompt's last chunk holds the next one back too.
+    sched.add_request(make_request("e", list(range(90, 100)), max_tokens=8))
+    assert chunks_of(step(sched, runner)[0]) == [("a", 12, 1), ("b", 11, 1), ("c", 3, 1),
+                                                 ("d", 13, 13)]
+    assert chunks_of(step(sched, runner)[0]) == [("a", 13, 1), ("b", 12, 1), ("c", 4, 1),
+                                                 ("d", 26, 4)]
+    assert chunks_of(step(sched, runner)[0]) == [("a", 14, 1), ("b", 13, 1), ("c", 5, 1),
+                                                 ("d", 30, 1), ("e", 0, 10)]
 
 
 # -- stopping ----------------------------------------------------------------------------------
