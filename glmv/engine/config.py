@@ -129,8 +129,13 @@ class EngineArgs:
             budget = default_batched_tokens(self.device)
             if not self.enable_chunked_prefill:
                 budget = max(budget, max_model_len)
+        # A CPU step's time grows with its tokens, so a partial prompt only delays the first
+        # tokens finishing beside it; a GPU step of fewer tokens is hardly shorter, so there
+        # filling it is nearly free throughput.
+        on_cpu = self.device.split(":", 1)[0] == "cpu"
         return SchedulerConfig(self.max_num_seqs, budget, max_model_len,
-                               self.enable_chunked_prefill, self.scheduling_policy)
+                               self.enable_chunked_prefill, self.scheduling_policy,
+                               hold_partial_prefills=on_cpu)
 
 
 #: Tokens per step when `max_num_batched_tokens` is not given. A step runs every running

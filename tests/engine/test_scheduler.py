@@ -39,7 +39,9 @@ def test_scheduler_and_block_manager_do_not_import_torch() -> None:
 ])
 def test_default_budget_follows_the_device(device: str, chunked: bool, budget: int) -> None:
     args = EngineArgs(device=device, enable_chunked_prefill=chunked)
-    assert args.scheduler_config(max_model_len=4096).max_num_batched_tokens == budget
+    config = args.scheduler_config(max_model_len=4096)
+    assert config.max_num_batched_tokens == budget
+    assert config.hold_partial_prefills == (device == "cpu")  # CPU steps: first tokens first
     given = EngineArgs(device=device, max_num_batched_tokens=8192)
     assert given.scheduler_config(max_model_len=4096).max_num_batched_tokens == 8192
 
