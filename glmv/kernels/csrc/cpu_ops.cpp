@@ -746,9 +746,11 @@ struct LaneAccumulate<D, 8, 2> {
   }
 };
 
-// the lanes of channels [n, n + 16) that exist
+// the lanes of [n, n + 16) below total (output channels, keys); none when n >= total
 inline __mmask16 channel_mask(int64_t n, int64_t total) {
-  return total - n >= kLaneChannels ? __mmask16(0xffff) : __mmask16((1u << (total - n)) - 1);
+  return total - n >= kLaneChannels ? __mmask16(0xffff)
+         : total > n                ? __mmask16((1u << (total - n)) - 1)
+                                    : __mmask16(0);
 }
 #endif
 
@@ -1847,7 +1849,7 @@ inline float row_max512(const float* sr, int64_t len) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t n = 0;
   for (; n + 16 <= len; n += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sr + n));
-  const __mmask16 tail = __mmask16((1u << (len - n)) - 1);
+  const __mmask16 tail = channel_mask(n, len);
   if (tail) vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sr + n));
   return _mm512_reduce_max_ps(vmax);
 }
@@ -1859,10 +1861,8 @@ float exp_row512(const float* sr, int64_t len, int64_t lp, Store store) {
   const __m512 m = _mm512_set1_ps(row_max512(sr, len));
   __m512 sum = _mm512_setzero_ps();
   for (int64_t n = 0; n < lp; n += 16) {
-    const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
-                           : n < len    ? __mmask16((1u << (len - n)) - 1)
-                                        : __mmask16(0);
-    const __m512 e = _mm512_maskz_mov_ps(keep, exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
+    const __m512 e = _mm512_maskz_mov_ps(channel_mask(n, len),
+                                         exp512(_mm512_sub_ps(_mm512_loadu_ps(sr + n), m)));
     sum = _mm512_add_ps(sum, e);
     store(n, e);
   }
@@ -1900,11 +1900,8 @@ void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int6
     const __m512 mc = _mm512_mul_ps(_mm512_set1_ps(m), c);
     __m512 sum = _mm512_setzero_ps();
     for (int64_t n = 0; n < lp; n += 16) {
-      const __mmask16 keep = n + 16 <= len ? __mmask16(0xffff)
-                             : n < len    ? __mmask16((1u << (len - n)) - 1)
-                                          : __mmask16(0);
       const __m512 e = _mm512_maskz_mov_ps(
-          keep, exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), c, mc)));
+          channel_mask(n, len), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), c, mc)));
       sum = _mm512_add_ps(sum, e);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
     }
@@ -2012,9 +2009,9 @@ void amx_attn_scores(const uint16_t* qb, int64_t qs, const uint16_t* kp, float* 
     _tile_stored(3, s1 + nb * 16 + 16, ls * 4);
     if (!rmax) continue;
     for (int64_t h = 0; h < 2; ++h) {
-      const int64_t k = (nb + h) * 16, valid = std::min<int64_t>(16, len - k);
-      if (valid <= 0) break;
-      const __mmask16 keep = __mmask16((1u << valid) - 1);
+      const int64_t k = (nb + h) * 16;
+      if (k >= len) break;
+      const __mmask16 keep = channel_mask(k, len);
       for (int64_t i = 0; i < kAmxAttnRows; ++i) {
         const __m512 cur = _mm512_load_ps(lanes + i * 16);
         _mm512_store_ps(lanes + i * 16,
