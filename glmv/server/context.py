@@ -121,10 +121,9 @@ class ServerContext:
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops,
                 "text_offset": offsets}
 
-    def record_finished(self, output: RequestOutput, arrival: float,
-                        first_token: float | None) -> None:
+    def record_finished(self, output: RequestOutput, arrival: float) -> None:
         """Token counters and latency histograms of a finished request."""
-        m, now = self.metrics, time.monotonic()
+        m, now, first_token = self.metrics, time.monotonic(), output.first_token_time
         m.prompt_tokens.inc(output.num_prompt_tokens)
         m.visual_tokens.labels("image").inc(output.num_image_tokens)
         m.visual_tokens.labels("video").inc(output.num_video_tokens)

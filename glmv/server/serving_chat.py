@@ -184,7 +184,7 @@ async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest,
     if body.stream:
         return EventStreamResponse(stream_chat(ctx, body, plan))
     final = await until_disconnected(request, _collect(ctx, plan), ctx.config.request_timeout)
-    ctx.record_finished(final, plan.arrival, final.first_token_time)
+    ctx.record_finished(final, plan.arrival)
     return JSONResponse(_response(ctx, plan, final))
 
 
@@ -280,7 +280,7 @@ async def stream_chat(ctx: ServerContext, body: ChatCompletionRequest,
         finally:
             handle.close()
         if final is not None:
-            ctx.record_finished(final, plan.arrival, final.first_token_time)
+            ctx.record_finished(final, plan.arrival)
             if include_usage:
                 # The streaming parsers hold each choice's final parse already.
                 reasoning = sum(reasoning_tokens(ctx, c, parsers[c.index].result(),

@@ -59,7 +59,7 @@ async def _run_all(ctx: ServerContext, request_id: str, prompts: Sequence[Proces
                                                 priority, final_only=True):
             final = output
         assert final is not None
-        ctx.record_finished(final, arrival, final.first_token_time)
+        ctx.record_finished(final, arrival)
         return final
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
@@ -133,7 +133,7 @@ async def _stream(ctx: ServerContext, body: CompletionRequest, model: str, reque
         async for output in with_deadline(outputs, ctx.config.request_timeout):
             await queue.put((index, output))
             if output.finished:
-                ctx.record_finished(output, arrival, output.first_token_time)
+                ctx.record_finished(output, arrival)
 
     tasks = [asyncio.ensure_future(pump(i, p)) for i, p in enumerate(prompts)]
     gathered = asyncio.ensure_future(asyncio.gather(*tasks))
@@ -257,7 +257,7 @@ async def _generate_stream(ctx: ServerContext, request_id: str, prompt: Processe
         async for output in with_deadline(ctx.engine.generate(request_id, prompt, params, 0),
                                           ctx.config.request_timeout):
             if output.finished:
-                ctx.record_finished(output, arrival, output.first_token_time)
+                ctx.record_finished(output, arrival)
             c = output.outputs[0]
             if c.error is not None:
                 raise EngineError(c.error)
