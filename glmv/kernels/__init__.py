@@ -38,6 +38,10 @@ CFLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c++17", "-fno-trapping-math"
           "-ffp-contract=off")
 ENV_SWITCH = "GLMV_CPU_KERNELS"  # "0" turns the kernels off
 AMX_SWITCH = "GLMV_AMX"  # "0" keeps the products and attention off AMX tiles
+# "avx512": build for AVX-512 without AVX512-BF16 and AMX even where the CPU has them (the path
+# of CPUs without them, e.g. to test it on one that has them)
+ISA_SWITCH = "GLMV_CPU_ISA"
+NO_BF16_FLAGS = ("-mno-avx512bf16", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8")
 NEVER = 1 << 40  # a row count no product reaches (linear_amx_rows)
 
 
@@ -62,9 +66,17 @@ def _cpu_features() -> str:
     return cpuinfo_line("flags") or platform.processor()
 
 
+def cflags() -> list[str]:
+    """The compiler flags: CFLAGS, less the bf16 instructions under GLMV_CPU_ISA=avx512."""
+    isa = os.environ.get(ISA_SWITCH, "native")
+    if isa not in ("native", "avx512"):
+        raise ValueError(f"{ISA_SWITCH}={isa!r}: choose native or avx512")
+    return list(CFLAGS) + (list(NO_BF16_FLAGS) if isa == "avx512" else [])
+
+
 def build_key() -> str:
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(CFLAGS).encode(),
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(cflags()).encode(),
                  _cpu_features().encode(), sys.version.encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -87,7 +99,7 @@ def _build(target: Path) -> None:
     start = time.perf_counter()
     try:
         built = cpp_extension.load(LIBRARY_NAME, sources=[str(SOURCE)],
-                                   extra_cflags=list(CFLAGS), build_directory=str(work),
+                                   extra_cflags=cflags(), build_directory=str(work),
                                    is_python_module=False, verbose=False)
         os.replace(built if isinstance(built, str) else work / f"{LIBRARY_NAME}.so", target)
     finally:

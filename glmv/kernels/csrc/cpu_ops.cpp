@@ -128,6 +128,40 @@ inline void store_bf16x16(uint16_t* out, __m512 rounded) {
 }
 #endif
 
+// bf16 pairs on 16 lanes: the dot product and the rounding the products, attentions and
+// SwiGLU are written with. On AVX512-BF16 they are vdpbf16ps and vcvtneps2bf16; on CPUs with
+// AVX-512 but without it (Skylake-SP to Ice Lake, and hosts that hide it) the same arithmetic
+// in AVX512F: each pair's odd then even product (exact in fp32) added to the lane in that
+// order, as vdpbf16ps adds them, and round to nearest even. The two differ only where
+// AVX512-BF16 flushes denormals to zero (the AVX512F rounding keeps them, as PyTorch does).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define GLMV_BF16_LANES 1
+#if defined(__AVX512BF16__)
+using bf16x32 = __m512bh;  // 16 pairs of bf16
+inline bf16x32 as_bf16x32(__m512i v) { return (__m512bh)v; }
+inline __m512 dot_bf16(__m512 acc, bf16x32 a, bf16x32 b) { return _mm512_dpbf16_ps(acc, a, b); }
+inline __m256i cvt_bf16x16(__m512 f) { return (__m256i)_mm512_cvtneps_pbh(f); }
+constexpr bool kBf16Instructions = true;
+#else
+using bf16x32 = __m512i;
+inline bf16x32 as_bf16x32(__m512i v) { return v; }
+inline __m512 dot_bf16(__m512 acc, bf16x32 a, bf16x32 b) {
+  const __m512i odd = _mm512_set1_epi32(int32_t(0xffff0000u));
+  acc = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(a, odd)),
+                        _mm512_castsi512_ps(_mm512_and_si512(b, odd)), acc);
+  return _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(a, 16)),
+                         _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)), acc);
+}
+inline __m256i cvt_bf16x16(__m512 f) {
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16x16(f)), 16));
+}
+constexpr bool kBf16Instructions = false;
+#endif
+#else
+#define GLMV_BF16_LANES 0
+constexpr bool kBf16Instructions = false;
+#endif
+
 const uint16_t* bits(const at::Tensor& t) {
   return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
 }
@@ -363,14 +397,14 @@ at::Tensor norm_add(const at::Tensor& x, const at::Tensor& residual, const at::T
   return h;
 }
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
 // bf16(bf16(silu(g)) * u) on 16 lanes of bf16 values g, u (held as fp32), as silu_and_mul
 // rounds: exp512 is exp_approx's polynomial with fused multiply-adds.
 inline __m256i swiglu16(__m512 gv, __m512 uv) {
   const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
   const __m512 sv = widen_bf16x16(
-      (__m256i)_mm512_cvtneps_pbh(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
-  return (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(sv, uv));
+      cvt_bf16x16(_mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
+  return cvt_bf16x16(_mm512_mul_ps(sv, uv));
 }
 #endif
 
@@ -394,7 +428,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
       const uint16_t* u = g + width;
       uint16_t* o = op + r * width;
       int64_t i = c0;
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
       for (; i + 16 <= c1; i += 16)  // the same steps 16 at a time
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i),
                             swiglu16(load_bf16x16(g + i), load_bf16x16(u + i)));
@@ -599,12 +633,12 @@ void write_kv(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor&
 
 constexpr int64_t kLaneChannels = 16;
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
 // two bf16 at `x` in every 32-bit lane (a broadcast from memory: one load, no shuffle)
-inline __m512bh bcast_pair(const uint16_t* x) {
+inline bf16x32 bcast_pair(const uint16_t* x) {
   float pair;
   std::memcpy(&pair, x, sizeof pair);
-  return (__m512bh)_mm512_castps_si512(_mm512_set1_ps(pair));
+  return as_bf16x32(_mm512_castps_si512(_mm512_set1_ps(pair)));
 }
 
 // The two dot products (D): accumulator type, the group of inputs per lane, and the steps.
@@ -629,14 +663,14 @@ struct Int8Dot {
 
 struct Bf16Dot {
   using Acc = __m512;
-  using Vec = __m512bh;
+  using Vec = bf16x32;
   using W = uint16_t;
   using X = uint16_t;
   static constexpr int64_t kGroup = 2;
   static Acc zero() { return _mm512_setzero_ps(); }
   static Vec bcast(const X* x) { return bcast_pair(x); }
-  static Vec load(const W* w) { return (__m512bh)_mm512_loadu_si512(w); }
-  static Acc dot(Acc acc, Vec x, Vec w) { return _mm512_dpbf16_ps(acc, x, w); }
+  static Vec load(const W* w) { return as_bf16x32(_mm512_loadu_si512(w)); }
+  static Acc dot(Acc acc, Vec x, Vec w) { return dot_bf16(acc, x, w); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
 };
 
@@ -824,7 +858,7 @@ struct Int8Args {
                         // share L1 sets (Kp a multiple of 4096 made them alias and thrash)
 };
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BF16__)
+#if defined(__AVX512VNNI__) && GLMV_BF16_LANES
 // The int8 product's epilogue for the 16 channels from n (both kernels, VNNI and AMX): a row's
 // int32 sums to y = (sum - 128 wsum) * sx * sw + bias, rounded to bf16.
 struct Int8Epilogue {
@@ -841,7 +875,7 @@ struct Int8Epilogue {
   void store(__m512i sums, int64_t m) const {
     __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(sums, offset));
     v = _mm512_fmadd_ps(_mm512_mul_ps(v, _mm512_set1_ps(a.sx[m])), sw, bias);
-    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep, (__m256i)_mm512_cvtneps_pbh(v));
+    _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep, cvt_bf16x16(v));
   }
 };
 
@@ -921,7 +955,7 @@ struct Bf16Args {
   int64_t m = 0;
 };
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
 // The bf16 product's epilogue for the 16 channels from n (both kernels, AVX512 and AMX): a
 // row's fp32 sums plus the bias, rounded to bf16.
 struct Bf16Epilogue {
@@ -933,7 +967,7 @@ struct Bf16Epilogue {
       : a(args), n(n0), keep(channel_mask(n0, args.n)),
         bias(args.bias != nullptr ? _mm512_loadu_ps(args.bias + n0) : _mm512_setzero_ps()) {}
   void store(__m512 sums, int64_t m) const {
-    const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias));
+    const __m256i rounded = cvt_bf16x16(_mm512_add_ps(sums, bias));
     if (a.best != nullptr) {
       choose(rounded, a.best[int64_t(at::get_thread_num()) * a.m + m]);
     } else {
@@ -972,7 +1006,7 @@ struct SwigluEpilogue {
     return args.bias != nullptr ? _mm512_loadu_ps(args.bias + c) : _mm512_setzero_ps();
   }
   static __m512 rounded(__m512 sums, __m512 bias) {
-    return widen_bf16x16((__m256i)_mm512_cvtneps_pbh(_mm512_add_ps(sums, bias)));
+    return widen_bf16x16(cvt_bf16x16(_mm512_add_ps(sums, bias)));
   }
   void store(__m512 gate, __m512 up, int64_t m) const {
     _mm256_mask_storeu_epi16(a.y + m * a.n + n, keep,
@@ -1621,7 +1655,7 @@ at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
   TORCH_CHECK(kp >= k && kp - k < kBf16Group * kLaneChannels && kp % (kBf16Group * kLaneChannels) == 0,
               "bf16_linear: w's blocks must cover K = ", k, " in whole tiles of 32 inputs");
   if (swiglu) {
-    TORCH_CHECK(kBf16Linear, "bf16_linear_swiglu: needs AVX512-BF16");
+    TORCH_CHECK(kBf16Linear, "bf16_linear_swiglu: needs AVX-512");
     TORCH_CHECK(nblocks % 2 == 0 && np / 2 >= n && np / 2 - n < kLaneChannels,
                 "bf16_linear_swiglu: w's blocks must be gate/up pairs covering N = ", n);
   } else {
@@ -1677,7 +1711,7 @@ at::Tensor bf16_linear_swiglu(const at::Tensor& x, const at::Tensor& w,
 // greedy token of each row straight from the LM head (the same index: the same sums, rounded
 // the same way, the same first-of-equals and NaN rules).
 at::Tensor bf16_linear_argmax(const at::Tensor& x, const at::Tensor& w, int64_t out_features) {
-  TORCH_CHECK(kBf16Linear, "bf16_linear_argmax: needs AVX512-BF16");
+  TORCH_CHECK(kBf16Linear, "bf16_linear_argmax: needs AVX-512");
   TORCH_CHECK(out_features > 0, "bf16_linear_argmax: no channels to choose from");
   const int64_t m = x.dim() == 2 ? x.size(0) : 0, threads = at::get_num_threads();
   std::vector<RowBest> best(threads * std::max<int64_t>(m, 1));
@@ -1693,6 +1727,7 @@ at::Tensor bf16_linear_argmax(const at::Tensor& x, const at::Tensor& w, int64_t 
 }
 
 bool bf16_linear_native() { return kBf16Linear; }
+bool bf16_instructions() { return kBf16Instructions; }
 
 // ---------------------------------------------------------------------------------------------
 // Attention within segments: the vision tower's images and video frames (bidirectional), and
@@ -1843,7 +1878,7 @@ void softmax_rows(float* s, uint16_t* p, float* inv, int64_t rows, int64_t len, 
   }
 }
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
 // max(sr[0, len)) on 16 lanes
 inline float row_max512(const float* sr, int64_t len) {
   __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
@@ -1903,7 +1938,7 @@ void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int6
       const __m512 e = _mm512_maskz_mov_ps(
           channel_mask(n, len), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), c, mc)));
       sum = _mm512_add_ps(sum, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), (__m256i)_mm512_cvtneps_pbh(e));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), cvt_bf16x16(e));
     }
     inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
   }
@@ -1923,12 +1958,12 @@ void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, in
       for (auto& r : row) r = _mm512_setzero_ps();
     const uint16_t* kb = kp + nb * pairs * 32;
     for (int64_t p = 0; p < pairs; ++p) {
-      const __m512bh b0 = (__m512bh)_mm512_loadu_si512(kb + p * 32);
-      const __m512bh b1 = (__m512bh)_mm512_loadu_si512(kb + (pairs + p) * 32);
+      const bf16x32 b0 = as_bf16x32(_mm512_loadu_si512(kb + p * 32));
+      const bf16x32 b1 = as_bf16x32(_mm512_loadu_si512(kb + (pairs + p) * 32));
       for (int i = 0; i < kAttnRows; ++i) {
-        const __m512bh a = bcast_pair(qb + i * d + 2 * p);
-        acc[i][0] = _mm512_dpbf16_ps(acc[i][0], a, b0);
-        acc[i][1] = _mm512_dpbf16_ps(acc[i][1], a, b1);
+        const bf16x32 a = bcast_pair(qb + i * d + 2 * p);
+        acc[i][0] = dot_bf16(acc[i][0], a, b0);
+        acc[i][1] = dot_bf16(acc[i][1], a, b1);
       }
     }
     for (int i = 0; i < kAttnRows; ++i)
@@ -1946,12 +1981,12 @@ void attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_
     for (auto& r : row) r = _mm512_setzero_ps();
   const int64_t key_pairs = (len + 1) / 2;
   for (int64_t j = 0; j < key_pairs; ++j) {
-    __m512bh b[NC];
+    bf16x32 b[NC];
     for (int c = 0; c < NC; ++c)
-      b[c] = (__m512bh)_mm512_loadu_si512(vp + ((c0 / 16 + c) * lp / 2 + j) * 32);
+      b[c] = as_bf16x32(_mm512_loadu_si512(vp + ((c0 / 16 + c) * lp / 2 + j) * 32));
     for (int i = 0; i < kAttnRows; ++i) {
-      const __m512bh a = bcast_pair(p + i * lp + 2 * j);
-      for (int c = 0; c < NC; ++c) acc[i][c] = _mm512_dpbf16_ps(acc[i][c], a, b[c]);
+      const bf16x32 a = bcast_pair(p + i * lp + 2 * j);
+      for (int c = 0; c < NC; ++c) acc[i][c] = dot_bf16(acc[i][c], a, b[c]);
     }
   }
   for (int i = 0; i < kAttnRows; ++i)  // a fixed trip count keeps acc in registers
@@ -1959,7 +1994,7 @@ void attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_
       if (i >= rows) break;
       const __m512 o = _mm512_mul_ps(acc[i][c], _mm512_set1_ps(inv[i]));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ors + c0 + 16 * c),
-                          (__m256i)_mm512_cvtneps_pbh(o));
+                          cvt_bf16x16(o));
     }
 }
 
@@ -2057,7 +2092,7 @@ void amx_attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, in
         const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i * 32 + h * 16),
                                        _mm512_set1_ps(inv[i]));
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i * ors + c0 + 16 * h),
-                            (__m256i)_mm512_cvtneps_pbh(o));
+                            cvt_bf16x16(o));
       }
   }
 }
@@ -2075,7 +2110,7 @@ void amx_attn_values(const uint16_t*, const uint16_t*, const float*, int64_t, in
 constexpr bool kAmxAttention = false;
 #endif
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
 // Decode attention for one (sequence, KV head) on AVX512-BF16. krows/vrows: the len cached key
 // and value rows of this KV head; q: the group's query rows (stride qhs). Scores on vdpbf16ps
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
@@ -2087,9 +2122,9 @@ void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t p
   __m512 acc[GW];
   for (auto& r : acc) r = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; ++p) {
-    const __m512bh b = (__m512bh)_mm512_loadu_si512(kp + p * 32);
+    const bf16x32 b = as_bf16x32(_mm512_loadu_si512(kp + p * 32));
     for (int g = 0; g < GW; ++g)
-      acc[g] = _mm512_dpbf16_ps(acc[g], bcast_pair(q + g * qhs + 2 * p), b);
+      acc[g] = dot_bf16(acc[g], bcast_pair(q + g * qhs + 2 * p), b);
   }
   for (int g = 0; g < GW; ++g)
     _mm512_storeu_ps(s + g * lp, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
@@ -2113,7 +2148,7 @@ void decode_values(const float* p, int64_t lp, const uint16_t* const* vrows, int
   for (int g = 0; g < GW; ++g)
     for (int c = 0; c < NC; ++c)
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + g * ohs + c0 + 16 * c),
-                          (__m256i)_mm512_cvtneps_pbh(acc[g][c]));
+                          cvt_bf16x16(acc[g][c]));
 }
 
 // softmax of rows [0, rows) of s in place (row stride lp, `len` valid columns), normalised
@@ -2247,7 +2282,7 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
   int64_t slot_row = kvh * d;
   float fscale = float(scale);
 
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
   if (d % 32 == 0) {
     at::parallel_for(0, num * kvh, 1, [&](int64_t begin, int64_t end) {
       DecodeScratch w;
@@ -2382,7 +2417,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     const int64_t lk = a.cuk[s + 1] - a.cuk[s];
     return a.causal ? lk - (a.cu[s + 1] - a.cu[s]) + r + 1 : lk;
   };
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
   if (d % 16 == 0) {
     // Pack every (segment, KV head)'s keys and values once.
     std::vector<int64_t> pack_off{0};
@@ -2534,7 +2569,7 @@ int64_t argmax_row(const uint16_t* x, int64_t n) {
   float top = bf2f(x[0]);
   if (std::isnan(top)) return 0;
   int64_t i = 1;
-#if defined(__AVX512BF16__)
+#if GLMV_BF16_LANES
   if (n >= 32) {
     __m512 vmax = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     __m512i vidx = _mm512_set1_epi32(0);
@@ -2722,7 +2757,8 @@ TORCH_LIBRARY(glmv, m) {
   m.def("bf16_linear(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
   m.def("bf16_linear_swiglu(Tensor x, Tensor w, Tensor? bias, int out_features) -> Tensor");
   m.def("bf16_linear_argmax(Tensor x, Tensor w, int out_features) -> Tensor");
-  m.def("bf16_linear_native() -> bool", &bf16_linear_native);  // whether it runs on vdpbf16ps
+  m.def("bf16_linear_native() -> bool", &bf16_linear_native);  // AVX-512 lane blocks
+  m.def("bf16_instructions() -> bool", &bf16_instructions);  // ... on vdpbf16ps
   m.def("linear_amx() -> bool", &linear_amx);  // whether the products can run on AMX tiles
   m.def("linear_amx_rows(int bf16, int int8) -> int[]", &linear_amx_rows);  // AMX from these rows
   m.def("varlen_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_q,"
