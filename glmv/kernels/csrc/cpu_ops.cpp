@@ -661,6 +661,7 @@ struct Int8Dot {
 };
 #endif
 
+#if defined(__AVX512BF16__)
 struct Bf16Dot {
   using Acc = __m512;
   using Vec = bf16x32;
@@ -673,6 +674,33 @@ struct Bf16Dot {
   static Acc dot(Acc acc, Vec x, Vec w) { return dot_bf16(acc, x, w); }
   static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
 };
+#else
+// dot_bf16's arithmetic with each operand widened once: a line of weights into its odd and
+// even inputs' fp32 values as it is loaded (shared by every row of a block), and the rows'
+// inputs staged as fp32 (bf16_product), so that a row's pair is two broadcasts from memory.
+// A block of 8 rows then spends 4 integer operations per pair of lines beside its 32 fused
+// multiply-adds, where widening at every product took 20.
+struct Bf16Dot {
+  struct Vec {
+    __m512 odd, even;
+  };
+  using Acc = __m512;
+  using W = uint16_t;
+  using X = float;
+  static constexpr int64_t kGroup = 2;
+  static Acc zero() { return _mm512_setzero_ps(); }
+  static Vec bcast(const X* x) { return {_mm512_set1_ps(x[1]), _mm512_set1_ps(x[0])}; }
+  static Vec load(const W* w) {
+    const __m512i line = _mm512_loadu_si512(w);
+    return {_mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xffff0000u)))),
+            _mm512_castsi512_ps(_mm512_slli_epi32(line, 16))};
+  }
+  static Acc dot(Acc acc, const Vec& x, const Vec& w) {
+    return _mm512_fmadd_ps(x.even, w.even, _mm512_fmadd_ps(x.odd, w.odd, acc));
+  }
+  static Acc add(Acc a, Acc b) { return _mm512_add_ps(a, b); }
+};
+#endif
 
 // Lines of a channel block's weights requested this many groups before a block of rows
 // multiplies them. A block of 8 rows (16 dot instructions per pair of lines) fills the core's
@@ -940,8 +968,15 @@ struct RowBest {
   }
 };
 
+// The rows' inputs as the lane kernel reads them: bf16, or fp32 where it widens them first.
+#if GLMV_BF16_LANES
+using Bf16X = Bf16Dot::X;
+#else
+using Bf16X = uint16_t;
+#endif
+
 struct Bf16Args {
-  const uint16_t* x;   // [M, xs] rows, zero past K
+  const Bf16X* x;      // [M, xs] rows, zero past K (AMX: uint16_t tiles)
   const uint16_t* w;   // blocks
   const float* bias;   // [Np] or null
   uint16_t* y;         // [M, n]
@@ -1670,24 +1705,31 @@ at::Tensor bf16_product(const at::Tensor& x, const at::Tensor& w,
   const int64_t xs = kp + 32;
   const bool amx = use_amx(m, false);
   const uint16_t* src = bits(x);
-  uint16_t* dst;
+  const Bf16X* staged;
   RowBuffer buffer;
   if (amx) {
     const int64_t mp = (m + kTileRows - 1) / kTileRows * kTileRows;
     buffer = row_buffer(0, mp * kp * sizeof(uint16_t));
-    dst = reinterpret_cast<uint16_t*>(buffer.data);
+    uint16_t* dst = reinterpret_cast<uint16_t*>(buffer.data);
     amx_x_layout(src, m, k, x.stride(0), kp, dst);
+    staged = reinterpret_cast<const Bf16X*>(dst);
   } else {
-    buffer = row_buffer(0, m * xs * sizeof(uint16_t));
-    dst = reinterpret_cast<uint16_t*>(buffer.data);
+    buffer = row_buffer(0, m * xs * sizeof(Bf16X));
+    Bf16X* dst = reinterpret_cast<Bf16X*>(buffer.data);
     at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
-        std::memcpy(dst + r * xs, src + r * x.stride(0), k * sizeof(uint16_t));
-        std::memset(dst + r * xs + k, 0, (xs - k) * sizeof(uint16_t));
+        const uint16_t* row = src + r * x.stride(0);
+        if constexpr (std::is_same_v<Bf16X, float>) {
+          for (int64_t i = 0; i < k; ++i) dst[r * xs + i] = bf2f(row[i]);
+        } else {
+          std::memcpy(dst + r * xs, row, k * sizeof(uint16_t));
+        }
+        std::memset(dst + r * xs + k, 0, (xs - k) * sizeof(Bf16X));
       }
     });
+    staged = dst;
   }
-  const Bf16Args a{dst, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
+  const Bf16Args a{staged, bits(w), bias.has_value() ? bias->data_ptr<float>() : nullptr,
                    mbits(y), kp, n, xs, swiglu, best, m};
   if (amx) {
     amx_product(a, m, nblocks);
