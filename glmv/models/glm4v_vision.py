@@ -28,6 +28,7 @@ from glmv.config import VisionConfig
 from glmv.distributed.parallel_state import TPGroup, get_tp_group
 from glmv.layers.embedding import VocabEmbedding
 from glmv.layers.linear import (
+    KernelEqualsStride,
     Linear,
     PackedQKVParallelLinear,
     RowParallelLinear,
@@ -65,22 +66,6 @@ def share_items(sizes: Sequence[int], parts: int) -> list[int]:
         owners[item] = rank
         loads[rank] += sizes[item]
     return owners
-
-
-class KernelEqualsStride(nn.Module):
-    """A convolution whose kernel equals its stride: one matmul per output position.
-
-    The weight keeps its convolution shape [out, in, *kernel] (checkpoint layout); inputs arrive
-    already flattened in (in, *kernel) order.
-    """
-
-    def __init__(self, out_channels: int, in_shape: tuple[int, ...]) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_channels, *in_shape))
-        self.bias = nn.Parameter(torch.empty(out_channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.to(self.weight.dtype), self.weight.flatten(1), self.bias)
 
 
 class VisionPatchEmbed(nn.Module):

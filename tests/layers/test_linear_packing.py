@@ -13,6 +13,7 @@ from torch import nn
 from glmv.layers import linear
 from glmv.layers.linear import (
     Bf16Blocks,
+    KernelEqualsStride,
     Linear,
     MergedLinear,
     OneDnnWeight,
@@ -75,6 +76,20 @@ def test_packed_layers_match_f_linear_and_release_weights(layout: str,
     assert model.qkv.packed is not None
     torch.testing.assert_close(model.qkv.packed.apply(x, with_bias=False).float(),
                                want_no_bias.float(), rtol=1e-2, atol=5e-2)
+
+
+def test_kernel_equals_stride_layers_are_packed_as_products() -> None:
+    """The vision tower's patch embedding and downsample (convolutions as one matmul) take the
+    packed product too, from their [out, in, *kernel] weights."""
+    layer = _random_bf16(KernelEqualsStride(40, (3, 2, 14, 14)))
+    x = torch.randn(70, 3 * 2 * 14 * 14)  # float pixels: the layer casts them
+    want = F.linear(x.bfloat16(), layer.weight.flatten(1), layer.bias)
+    assert pack_linear_weights(layer) == 1
+    assert isinstance(layer.packed, Bf16Blocks if linear.bf16_blocks_native() else OneDnnWeight)
+    assert layer.weight.numel() == 0
+    got = layer(x)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=5e-2)
 
 
 def test_bf16_blocks_keep_the_weight_and_pad_to_whole_blocks() -> None:

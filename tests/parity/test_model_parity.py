@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmv.models.glm4v_vision import KernelEqualsStride
+from glmv.layers.linear import KernelEqualsStride
 from glmv.sampling_params import SamplingParams
 from tests.conftest import VARIANTS
 from tests.helpers import glmv_logits, make_engine, run_engine
