@@ -1978,12 +1978,14 @@ constexpr float kLog2e = 1.44269504088896341f;
 // exp(scale * (s - max)) = 2^(s c - max c) with c = scale log2(e), one multiply-add and the
 // exp2 above. The row maxima come in rmax where the caller has them (else a first pass finds
 // them); 1 / the row sums go to inv.
-void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int64_t len,
+// (P: uint16_t bf16 bits, or float for fp32 lanes holding the same bf16 values)
+template <typename P>
+void softmax_rows512(const float* s, P* p, float* inv, int64_t rows, int64_t len,
                      int64_t lp, int64_t ls, float scale, const float* rmax) {
   const __m512 c = _mm512_set1_ps(scale * kLog2e);
   for (int64_t i = 0; i < rows; ++i) {
     const float* sr = s + i * ls;
-    uint16_t* pr = p + i * ls;
+    P* pr = p + i * ls;
     const float m = rmax != nullptr ? rmax[i] : row_max512(sr, len);
     const __m512 mc = _mm512_mul_ps(_mm512_set1_ps(m), c);
     __m512 sum = _mm512_setzero_ps();
@@ -1991,7 +1993,11 @@ void softmax_rows512(const float* s, uint16_t* p, float* inv, int64_t rows, int6
       const __m512 e = _mm512_maskz_mov_ps(
           channel_mask(n, len), exp2_512(_mm512_fmsub_ps(_mm512_loadu_ps(sr + n), c, mc)));
       sum = _mm512_add_ps(sum, e);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), cvt_bf16x16(e));
+      if constexpr (std::is_same_v<P, float>) {
+        _mm512_storeu_ps(pr + n, round_bf16x16(e));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pr + n), cvt_bf16x16(e));
+      }
     }
     inv[i] = 1.0f / _mm512_reduce_add_ps(sum);
   }
@@ -2001,8 +2007,9 @@ constexpr bool kBf16Attention = true;
 constexpr int64_t kAttnRows = 8;  // query rows per register block (x 2 registers of 16)
 
 // scores s[i][n] = q_i . k_n (unscaled: the softmax scales them) for 8 rows of qb (contiguous
-// rows of d) and the first nkeys keys (a multiple of 32; row stride of s: lp)
-void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
+// rows of d, Bf16X: fp32 where the lane products widen their rows first, Bf16Dot) and the
+// first nkeys keys (a multiple of 32; row stride of s: lp)
+void attn_scores(const Bf16X* qb, const uint16_t* kp, float* s, int64_t d, int64_t lp,
                  int64_t nkeys) {
   const int64_t pairs = d / 2;
   for (int64_t nb = 0; nb < nkeys / 16; nb += 2) {
@@ -2011,12 +2018,12 @@ void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, in
       for (auto& r : row) r = _mm512_setzero_ps();
     const uint16_t* kb = kp + nb * pairs * 32;
     for (int64_t p = 0; p < pairs; ++p) {
-      const bf16x32 b0 = as_bf16x32(_mm512_loadu_si512(kb + p * 32));
-      const bf16x32 b1 = as_bf16x32(_mm512_loadu_si512(kb + (pairs + p) * 32));
+      const Bf16Dot::Vec b0 = Bf16Dot::load(kb + p * 32);
+      const Bf16Dot::Vec b1 = Bf16Dot::load(kb + (pairs + p) * 32);
       for (int i = 0; i < kAttnRows; ++i) {
-        const bf16x32 a = bcast_pair(qb + i * d + 2 * p);
-        acc[i][0] = dot_bf16(acc[i][0], a, b0);
-        acc[i][1] = dot_bf16(acc[i][1], a, b1);
+        const Bf16Dot::Vec a = Bf16Dot::bcast(qb + i * d + 2 * p);
+        acc[i][0] = Bf16Dot::dot(acc[i][0], a, b0);
+        acc[i][1] = Bf16Dot::dot(acc[i][1], a, b1);
       }
     }
     for (int i = 0; i < kAttnRows; ++i)
@@ -2025,21 +2032,20 @@ void attn_scores(const uint16_t* qb, const uint16_t* kp, float* s, int64_t d, in
   }
 }
 
-// out rows = (p . v) * inv for 8 rows of p (row stride lp), columns [c0, c0 + 16 NC)
+// out rows = (p . v) * inv for 8 rows of p (row stride lp, Bf16X), columns [c0, c0 + 16 NC)
 template <int NC>
-void attn_values(const uint16_t* p, const uint16_t* vp, const float* inv, int64_t rows,
+void attn_values(const Bf16X* p, const uint16_t* vp, const float* inv, int64_t rows,
                  int64_t d, int64_t lp, int64_t len, int64_t c0, uint16_t* out, int64_t ors) {
   __m512 acc[kAttnRows][NC];
   for (auto& row : acc)
     for (auto& r : row) r = _mm512_setzero_ps();
   const int64_t key_pairs = (len + 1) / 2;
   for (int64_t j = 0; j < key_pairs; ++j) {
-    bf16x32 b[NC];
-    for (int c = 0; c < NC; ++c)
-      b[c] = as_bf16x32(_mm512_loadu_si512(vp + ((c0 / 16 + c) * lp / 2 + j) * 32));
+    Bf16Dot::Vec b[NC];
+    for (int c = 0; c < NC; ++c) b[c] = Bf16Dot::load(vp + ((c0 / 16 + c) * lp / 2 + j) * 32);
     for (int i = 0; i < kAttnRows; ++i) {
-      const bf16x32 a = bcast_pair(p + i * lp + 2 * j);
-      for (int c = 0; c < NC; ++c) acc[i][c] = dot_bf16(acc[i][c], a, b[c]);
+      const Bf16Dot::Vec a = Bf16Dot::bcast(p + i * lp + 2 * j);
+      for (int c = 0; c < NC; ++c) acc[i][c] = Bf16Dot::dot(acc[i][c], a, b[c]);
     }
   }
   for (int i = 0; i < kAttnRows; ++i)  // a fixed trip count keeps acc in registers
@@ -2497,7 +2503,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
     for (int64_t s = 0; s < segments; ++s) any_amx = any_amx || on_amx(s);
     at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
       std::vector<float> sbuf;
-      std::vector<uint16_t> pbuf, qbuf;
+      std::vector<Bf16X> pbuf, qbuf;  // AMX only where Bf16X is bf16
       float inv[kAmxAttnRows], rmax[kAmxAttnRows];
       if (any_amx) load_tile_config();
       for (int64_t task = b; task < e; ++task) {
@@ -2524,16 +2530,22 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           const uint16_t* qrows = a.q + (cu[s] + i0) * a.qts + h * a.qhs;
           const bool in_place = amx && n == step;
           if (!in_place) {
-            if (n < step) std::fill(qbuf.begin(), qbuf.end(), 0);
-            for (int64_t i = 0; i < n; ++i)
-              std::memcpy(qbuf.data() + i * d, qrows + i * a.qts, d * sizeof(uint16_t));
+            if (n < step) std::fill(qbuf.begin(), qbuf.end(), Bf16X(0));
+            for (int64_t i = 0; i < n; ++i) {
+              if constexpr (std::is_same_v<Bf16X, float>) {
+                for (int64_t c = 0; c < d; ++c) qbuf[i * d + c] = bf2f(qrows[i * a.qts + c]);
+              } else {
+                std::memcpy(qbuf.data() + i * d, qrows + i * a.qts, d * sizeof(uint16_t));
+              }
+            }
           }
           const int64_t kmax = keys_of(s, i0 + n - 1);  // the block's widest row
           const int64_t nkeys = std::min(lp, (kmax + 31) / 32 * 32);
           // Without a mask, the AMX scores come with their row maxima.
           const bool fused_max = amx && !causal;
           if (amx) {
-            amx_attn_scores(in_place ? qrows : qbuf.data(), in_place ? a.qts : d,
+            amx_attn_scores(in_place ? qrows : reinterpret_cast<const uint16_t*>(qbuf.data()),
+                            in_place ? a.qts : d,
                             kpack + off, sbuf.data(), d, ls, nkeys,
                             fused_max ? rmax : nullptr, lk);
           } else {
@@ -2550,8 +2562,8 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
           }
           uint16_t* orow = a.out + (cu[s] + i0) * ors + h * d;
           if (amx) {
-            amx_attn_values(pbuf.data(), vpack + off, inv, n, d, lp, nkeys, orow, ors,
-                            ls);
+            amx_attn_values(reinterpret_cast<const uint16_t*>(pbuf.data()), vpack + off, inv,
+                            n, d, lp, nkeys, orow, ors, ls);
             continue;
           }
           for (int64_t c0 = 0; c0 < d; c0 += 32) {
