@@ -208,7 +208,7 @@ def _own_cpu_s() -> float:
 def gemv_bandwidth_gbps(layout: str, num_bytes: int = 1 << 30, repeats: int = 5) -> float:
     """GB/s of one bf16 vector times a 1 GiB bf16 weight, as a batch-1 decode step does it:
     layout "plain" (torch's `F.linear`), "onednn" (oneDNN's packed linear) or "glmv" (glmv's
-    bf16 blocks, what it runs on AVX512-BF16 CPUs)."""
+    bf16 blocks, what it runs on AVX-512 CPUs)."""
     from glmv.layers.linear import Bf16Blocks, OneDnnWeight
 
     in_features = 8192

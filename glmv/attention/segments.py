@@ -2,7 +2,7 @@
 
 Tokens [N, heads, head_dim] are split into consecutive segments; each token attends to every
 token of its own segment and to no other. On a bf16 CPU tensor this is one call of the fused
-kernel `torch.ops.glmv.varlen_attention` (AVX512-BF16 products, fp32 softmax: about twice the
+kernel `torch.ops.glmv.varlen_attention` (AVX-512 bf16 products, fp32 softmax: about twice the
 speed of SDPA per image); elsewhere one scaled_dot_product_attention per segment.
 """
 

@@ -123,7 +123,7 @@ def sdpa_attention(
 
 def _prefill_kernel(q: torch.Tensor, k: torch.Tensor) -> Any | None:
     """The CPU kernels' causal segment attention when it applies (bf16 on a CPU with
-    AVX512-BF16, head_dim a multiple of 16): ~3x SDPA's CPU flash kernel on a prefill chunk."""
+    AVX-512, head_dim a multiple of 16): ~3x SDPA's CPU flash kernel on a prefill chunk."""
     ops = cpu_ops(q)
     if (ops is None or not ops.bf16_attention() or q.shape[2] % 16 or k.dtype is not q.dtype
             or q.stride(2) != 1 or k.stride(2) != 1):

@@ -211,13 +211,14 @@ def pad_channels(values: torch.Tensor, size: int, fill: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Bf16Blocks:
-    """A bf16 weight in glmv's blocks for `torch.ops.glmv.bf16_linear` (AVX512-BF16).
+    """A bf16 weight in glmv's blocks for `torch.ops.glmv.bf16_linear` (AVX-512).
 
     For every 16 output channels the weight runs along the inputs a pair at a time, so a
     thread's share of the channels is one sequential stream: at decode sizes (one to a few
     rows) it reads the weights at the speed of a plain sum, faster than oneDNN's packed layout
-    (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's on AVX512-BF16;
-    on CPUs with AMX, batches of 8 rows or more run on tiles read from the same blocks.
+    (docs/engine.md), and large batches run at the same bf16 peak as oneDNN's on AVX512-BF16
+    (without it, on AVX512F multiply-adds at about 5x oneDNN's emulated bf16 product); on CPUs
+    with AMX, batches of 8 rows or more run on tiles read from the same blocks.
     """
 
     blocks: torch.Tensor  # bf16 lane blocks [Np / 16, Kp / 2, 16, 2] (lane_blocks)
@@ -300,7 +301,7 @@ MANY_ROWS_BATCH_HINT = 1024
 
 @dataclass(frozen=True)
 class OneDnnWeight:
-    """A bf16 weight in oneDNN's packed layout (CPUs without AVX512-BF16)."""
+    """A bf16 weight in oneDNN's packed layout (CPUs without AVX-512)."""
 
     packed: torch.Tensor  # opaque oneDNN tensor
     bias: torch.Tensor | None
@@ -325,14 +326,15 @@ class OneDnnWeight:
 
 
 def can_pack(weight: torch.Tensor) -> bool:
-    """bf16 weights on a CPU with glmv's AVX512-BF16 product, or a torch build with oneDNN's
+    """bf16 weights on a CPU with glmv's AVX-512 product, or a torch build with oneDNN's
     packed linear kernels."""
     return (weight.device.type == "cpu" and weight.dtype == torch.bfloat16
             and (bf16_blocks_native() or onednn_packing()))
 
 
 def bf16_blocks_native() -> bool:
-    """Whether glmv's kernels are built and multiply bf16 blocks on vdpbf16ps."""
+    """Whether glmv's kernels are built and multiply bf16 blocks on AVX-512 (vdpbf16ps where
+    the CPU has AVX512-BF16, AVX512F multiply-adds elsewhere)."""
     ops = get_ops()
     return ops is not None and bool(ops.bf16_linear_native())
 
@@ -369,7 +371,7 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
 
 def pack_linear_weights(model: nn.Module) -> int:
     """Give every bf16 `Linear` on CPU a packed copy of its weight (glmv's bf16 blocks, or
-    oneDNN's layout on CPUs without AVX512-BF16) and use it from now on; the plain weight is
+    oneDNN's layout on CPUs without AVX-512) and use it from now on; the plain weight is
     then released unless another module shares it (tied embeddings).
 
     Why: the plain [out, in] weight is re-laid out by oneDNN on every call; a packed layout

@@ -199,7 +199,7 @@ def _causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lq: lis
     return torch.cat(out)
 
 
-# head_dim 128 and 64: the AVX512-BF16 (or AMX) path where the CPU has it; 24: the plain loops.
+# head_dim 128 and 64: the AVX-512 (or AMX) path where the CPU has it; 24: the plain loops.
 @pytest.mark.parametrize("heads,kv_heads,head_dim,lq,lk", [
     (8, 2, 128, [272, 1, 40], [272, 1, 300]),  # whole prompts, one token, a chunk after 260
     (4, 4, 64, [9, 100], [9, 180]),
@@ -297,7 +297,7 @@ def _reference_attention(cache, meta, q, scale) -> torch.Tensor:
     return torch.stack(outs)
 
 
-# head_dim 64 and 128 take the AVX512-BF16 kernel where the CPU has it (groups of 4 query
+# head_dim 64 and 128 take the AVX-512 kernel where the CPU has it (groups of 4 query
 # heads, a 16-head group as in GLM-4.1V, a 6-head one split 4 + 2), 48 the plain loops.
 @pytest.mark.parametrize("heads,kv_heads,d,block_size,lens", [
     (8, 2, 64, 4, [2, 3, 4, 17, 50]),
@@ -465,7 +465,7 @@ def test_bf16_linear_swiglu_is_silu_and_mul_of_the_product(m: int, width: int, k
     from glmv.layers.linear import Bf16Blocks
 
     if not ops.bf16_linear_native():
-        pytest.skip("SwiGLU pairs run on AVX512-BF16 only (the plain loops have no such pass)")
+        pytest.skip("SwiGLU pairs run on AVX-512 only (the plain loops have no such pass)")
     x, w = _bf16(m, k, seed=m), _bf16(2 * width, k, seed=width)
     bias = torch.randn(2 * width, generator=torch.Generator().manual_seed(5))
     for b in (None, bias):
@@ -488,7 +488,7 @@ def test_bf16_linear_argmax_is_argmax_rows_of_the_product(m: int, n: int, k: int
     every path: the same sums rounded the same way, the first of equal maxima (rows that
     tie across lanes, blocks and the threads' shares of the channels), the first NaN."""
     if not ops.bf16_linear_native():
-        pytest.skip("the fused choice runs on AVX512-BF16 only")
+        pytest.skip("the fused choice runs on AVX-512 only")
     x, w = _bf16(m, k, seed=m).abs(), _bf16(n, k, seed=n).abs() * 0.1
     w[n // 3] = w[n - 2] = w[5] = 1.0  # three equal largest outputs in every row: index 5
     if m > 2:

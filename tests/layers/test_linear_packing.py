@@ -150,7 +150,7 @@ def test_many_rows_swiglu_projection_keeps_its_pairs(monkeypatch: pytest.MonkeyP
     still takes glmv's SwiGLU blocks (their fused activation beats oneDNN's product plus a
     separate pass); the module's other layers take oneDNN's layout."""
     if not (linear.onednn_packing() and linear.bf16_blocks_native()):
-        pytest.skip("needs both oneDNN's packed kernels and glmv's AVX512-BF16 blocks")
+        pytest.skip("needs both oneDNN's packed kernels and glmv's AVX-512 blocks")
     from glmv.layers.mlp import GatedMLP
 
     class MlpTower(nn.Module):
@@ -202,7 +202,7 @@ def test_swiglu_blocks_pair_gate_and_up_channels() -> None:
 
 
 @pytest.mark.skipif(not linear.bf16_blocks_native(),
-                    reason="SwiGLU pairs are glmv's bf16 blocks (AVX512-BF16)")
+                    reason="SwiGLU pairs are glmv's bf16 blocks (AVX-512)")
 def test_gated_mlp_packs_gate_up_in_swiglu_pairs() -> None:
     """GatedMLP's gate_up takes SwiGLU pairs: its output is silu(gate) * up of one pass, bit
     for bit what silu_and_mul gives over the [gate | up] product of the usual blocks."""

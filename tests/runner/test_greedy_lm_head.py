@@ -20,7 +20,7 @@ from tests.helpers import make_engine, run_engine
 
 pytestmark = pytest.mark.skipif(
     kernels.get_ops() is None or not kernels.get_ops().bf16_linear_native(),
-    reason="glmv's CPU kernels with AVX512-BF16 products are not available here")
+    reason="glmv's CPU kernels with AVX-512 products are not available here")
 
 
 def test_lm_head_greedy_is_the_argmax_of_its_logits() -> None:
