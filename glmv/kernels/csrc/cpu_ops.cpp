@@ -10,9 +10,9 @@
 // rounds its probabilities to bf16.
 //
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
-// vectorises them for the machine it runs on; the linear products (AVX512-VNNI, AVX512-BF16,
-// and AMX tiles from a few rows up) and both attentions (AVX512-BF16; AMX for segments) use
-// intrinsics, each with a plain fallback. Threads come from ATen's pool (at::parallel_for).
+// vectorises them for the machine it runs on; the linear products (AVX512-VNNI, bf16 pairs on
+// AVX-512, and AMX tiles from a few rows up) and both attentions (bf16 pairs; AMX for
+// segments) use intrinsics, each with a plain fallback. Threads come from ATen's pool (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -132,8 +132,8 @@ inline void store_bf16x16(uint16_t* out, __m512 rounded) {
 // SwiGLU are written with. On AVX512-BF16 they are vdpbf16ps and vcvtneps2bf16; on CPUs with
 // AVX-512 but without it (Skylake-SP to Ice Lake, and hosts that hide it) the same arithmetic
 // in AVX512F: each pair's odd then even product (exact in fp32) added to the lane in that
-// order, as vdpbf16ps adds them, and round to nearest even. The two differ only where
-// AVX512-BF16 flushes denormals to zero (the AVX512F rounding keeps them, as PyTorch does).
+// order, the order Intel's manual gives for vdpbf16ps, and round to nearest even (denormals
+// kept, as PyTorch keeps them, where vcvtneps2bf16 flushes them to zero).
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define GLMV_BF16_LANES 1
 #if defined(__AVX512BF16__)
@@ -617,7 +617,7 @@ void write_kv(const at::Tensor& kv_cache, const at::Tensor& k, const at::Tensor&
 
 // ---------------------------------------------------------------------------------------------
 // Linear layers on lane blocks: y = x W^T (+ b), for the int8 product of --quantization int8
-// and the bf16 product of every bf16 linear layer on a CPU with AVX512-BF16.
+// and the bf16 product of every bf16 linear layer on a CPU with AVX-512.
 //
 // Weights come in blocks [Np / 16][Kp / G][16][G]: for 16 output channels, each group of G
 // inputs that one 32-bit lane holds (int8: G = 4, bf16: G = 2). One 512-bit load is then one
@@ -1083,7 +1083,7 @@ constexpr bool kBf16Linear = true;
 template <int MB, int NB>
 void lane_block(const Bf16Args& a, int64_t m0, int64_t nb0) {
   const int64_t pairs = a.kp / kBf16Group;
-  TORCH_CHECK(!a.swiglu, "glmv: SwiGLU products need AVX512-BF16");
+  TORCH_CHECK(!a.swiglu, "glmv: SwiGLU products need AVX-512");
   for (int j = 0; j < NB; ++j) {
     const uint16_t* wb = a.w + (nb0 + j) * pairs * 32;
     for (int64_t lane = 0; lane < kLaneChannels; ++lane) {
@@ -1793,8 +1793,9 @@ bool bf16_instructions() { return kBf16Instructions; }
 // cu_k int64 [segments + 1] delimit each segment's queries and keys.
 // Scores and softmax in fp32; the probabilities are rounded to bf16 for the P.V product and
 // the result divided by their fp32 sum at the end, as ATen's CPU flash attention does for
-// bf16. With AVX512-BF16 both products run on vdpbf16ps (32 bf16 products per instruction)
-// over keys and values packed once per segment and KV head; otherwise in plain loops.
+// bf16. With AVX-512 both products run on bf16 pairs (vdpbf16ps: 32 bf16 products per
+// instruction, or the same sums on AVX512F) over keys and values packed once per segment and
+// KV head; otherwise in plain loops.
 // A query row's result depends only on its own keys: the same whether its segment's other
 // queries come in the same call or not (chunked prefill gives the same bits).
 
@@ -2170,7 +2171,7 @@ constexpr bool kAmxAttention = false;
 #endif
 
 #if GLMV_BF16_LANES
-// Decode attention for one (sequence, KV head) on AVX512-BF16. krows/vrows: the len cached key
+// Decode attention for one (sequence, KV head) on AVX-512. krows/vrows: the len cached key
 // and value rows of this KV head; q: the group's query rows (stride qhs). Scores on vdpbf16ps
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
 // the weighted sum of the values in fp32; one rounding to bf16 at the end.
@@ -2293,8 +2294,8 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
 // token_idx[i] of q), attend over the seq_lens[i] cached keys listed by
 // block_tables[seq_idx[i]] and write out[token_idx[i]]. q, out [tokens, heads, head_dim]
 // (unit stride along head_dim); grouped-query heads share their KV head. Scores, softmax and
-// the weighted sum stay in fp32; one rounding to bf16 at the end. With AVX512-BF16 and a
-// head_dim that divides by 32 the scores run on vdpbf16ps (decode_task512), else plain loops.
+// the weighted sum stay in fp32; one rounding to bf16 at the end. With AVX-512 and a head_dim
+// that divides by 32 the scores run on bf16 pairs (decode_task512), else plain loops.
 void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& kv_cache,
                             const at::Tensor& block_tables, const at::Tensor& seq_idx,
                             const at::Tensor& token_idx, const at::Tensor& seq_lens,
@@ -2495,7 +2496,7 @@ void varlen_attention(const at::Tensor& out, const at::Tensor& q, const at::Tens
       }
     });
     // Segments of at least the bf16 products' AMX rows take AMX tiles (head_dim a multiple
-    // of 32), 16 query rows at a time; the others vdpbf16ps, 8 rows at a time.
+    // of 32), 16 query rows at a time; the others bf16 pairs, 8 rows at a time.
     auto on_amx = [&](int64_t s) {
       return kAmxAttention && d % 32 == 0 && use_amx(cu[s + 1] - cu[s], false);
     };
@@ -2828,7 +2829,7 @@ TORCH_LIBRARY(glmv, m) {
   m.def("linear_amx_rows(int bf16, int int8) -> int[]", &linear_amx_rows);  // AMX from these rows
   m.def("varlen_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor cu_q,"
         " Tensor cu_k, float scale, bool causal) -> ()");
-  m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on vdpbf16ps
+  m.def("bf16_attention() -> bool", &bf16_attention);  // whether it runs on bf16 pairs
   m.def("argmax_rows(Tensor x) -> Tensor");
   m.def("decode_layers(Tensor x, Tensor[] norms, Tensor?[] products, int[] product_sizes,"
         " int[] out_features, Tensor cos, Tensor sin, bool interleaved, int[] heads,"
