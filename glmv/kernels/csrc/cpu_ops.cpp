@@ -12,7 +12,8 @@
 // Plain loops over uint16 bf16 bits with fixed-width accumulator arrays, so that gcc -O3
 // vectorises them for the machine it runs on; the linear products (AVX512-VNNI, bf16 pairs on
 // AVX-512, and AMX tiles from a few rows up) and both attentions (bf16 pairs; AMX for
-// segments) use intrinsics, each with a plain fallback. Threads come from ATen's pool (at::parallel_for).
+// segments) use intrinsics, each with a plain fallback. Threads come from ATen's pool
+// (at::parallel_for).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -692,8 +693,8 @@ struct Bf16Dot {
   static Vec bcast(const X* x) { return {_mm512_set1_ps(x[1]), _mm512_set1_ps(x[0])}; }
   static Vec load(const W* w) {
     const __m512i line = _mm512_loadu_si512(w);
-    return {_mm512_castsi512_ps(_mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xffff0000u)))),
-            _mm512_castsi512_ps(_mm512_slli_epi32(line, 16))};
+    const __m512i odd = _mm512_and_si512(line, _mm512_set1_epi32(int32_t(0xffff0000u)));
+    return {_mm512_castsi512_ps(odd), _mm512_castsi512_ps(_mm512_slli_epi32(line, 16))};
   }
   static Acc dot(Acc acc, const Vec& x, const Vec& w) {
     return _mm512_fmadd_ps(x.even, w.even, _mm512_fmadd_ps(x.odd, w.odd, acc));
@@ -2172,7 +2173,7 @@ constexpr bool kAmxAttention = false;
 
 #if GLMV_BF16_LANES
 // Decode attention for one (sequence, KV head) on AVX-512. krows/vrows: the len cached key
-// and value rows of this KV head; q: the group's query rows (stride qhs). Scores on vdpbf16ps
+// and value rows of this KV head; q: the group's query rows (stride qhs). Scores on bf16 pairs
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
 // the weighted sum of the values in fp32; one rounding to bf16 at the end.
 
