@@ -370,9 +370,10 @@ def pack_weight(weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def pack_linear_weights(model: nn.Module) -> int:
-    """Give every bf16 `Linear` on CPU a packed copy of its weight (glmv's bf16 blocks, or
-    oneDNN's layout on CPUs without AVX-512) and use it from now on; the plain weight is
-    then released unless another module shares it (tied embeddings).
+    """Give every bf16 `Linear` (and `KernelEqualsStride`, as its [out, in x kernel] product)
+    on CPU a packed copy of its weight (glmv's bf16 blocks, or oneDNN's layout on CPUs without
+    AVX-512) and use it from now on; the plain weight is then released unless another module
+    shares it (tied embeddings).
 
     Why: the plain [out, in] weight is re-laid out by oneDNN on every call; a packed layout
     streams once, which makes decode-sized products (a few rows) 1.5-2x faster.
