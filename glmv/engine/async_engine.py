@@ -300,6 +300,17 @@ class AsyncEngine:
         finally:
             handle.close()
 
+    async def complete(self, request_id: str, prompt: ProcessedPrompt, params: SamplingParams,
+                       priority: int = 0) -> RequestOutput:
+        """Add a request and return its finished output, handed over once (`final_only`);
+        cancelling the caller (client gone, timeout) aborts the request."""
+        final: RequestOutput | None = None
+        async for output in self.generate(request_id, prompt, params, priority,
+                                          final_only=True):
+            final = output
+        assert final is not None and final.finished
+        return final
+
     def _release(self, request_id: str, aborted: bool) -> None:
         with self._lock:
             self._num_pending -= 1

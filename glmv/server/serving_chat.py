@@ -183,18 +183,11 @@ async def chat_completion(ctx: ServerContext, body: ChatCompletionRequest,
     plan = await prepare_chat(ctx, body)
     if body.stream:
         return EventStreamResponse(stream_chat(ctx, body, plan))
-    final = await until_disconnected(request, _collect(ctx, plan), ctx.config.request_timeout)
+    final = await until_disconnected(
+        request, ctx.engine.complete(plan.request_id, plan.prompt, plan.params),
+        ctx.config.request_timeout)
     ctx.record_finished(final, plan.arrival)
     return JSONResponse(_response(ctx, plan, final))
-
-
-async def _collect(ctx: ServerContext, plan: ChatPlan) -> RequestOutput:
-    final: RequestOutput | None = None
-    async for output in ctx.engine.generate(plan.request_id, plan.prompt, plan.params, 0,
-                                            final_only=True):
-        final = output
-    assert final is not None and final.finished
-    return final
 
 
 def _finish_reason(completion: CompletionOutput, parsed_calls: bool) -> str | None:

@@ -54,11 +54,8 @@ def _process(ctx: ServerContext, prompt: str | list[int]) -> ProcessedPrompt:
 async def _run_all(ctx: ServerContext, request_id: str, prompts: Sequence[ProcessedPrompt],
                    params: SamplingParams, priority: int) -> list[RequestOutput]:
     async def one(index: int, prompt: ProcessedPrompt) -> RequestOutput:
-        arrival, final = time.monotonic(), None
-        async for output in ctx.engine.generate(f"{request_id}-{index}", prompt, params,
-                                                priority, final_only=True):
-            final = output
-        assert final is not None
+        arrival = time.monotonic()
+        final = await ctx.engine.complete(f"{request_id}-{index}", prompt, params, priority)
         ctx.record_finished(final, arrival)
         return final
 

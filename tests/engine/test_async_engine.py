@@ -105,6 +105,10 @@ def test_a_final_only_stream_gets_one_output_with_the_whole_completion(
     assert final.outputs[0].text == want.outputs[0].text
     assert final.first_token_time is not None
     assert started < final.first_token_time < time.monotonic()
+    # complete(): the same finished output, awaited
+    done = asyncio.run(engine.complete("g", prompt, params))
+    assert done.finished and done.request_id == "g"
+    assert done.outputs[0].token_ids == want.outputs[0].token_ids
     _wait_until(lambda: _all_free(engine))
 
 
