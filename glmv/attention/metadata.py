@@ -78,6 +78,15 @@ class AttentionMetadata:
                 self._decode = DecodeBatch.build(self, seqs)
         return self._decode
 
+    def last_tokens(self, seqs: list[int]) -> DecodeBatch:
+        """The last new token of each of `seqs` as one query over its sequence's whole context
+        in the cache (written first), laid out like a decode batch whose token_idx are the
+        rows 0.. of those queries taken out of the step's tokens (the decoder's last layer
+        needs no other: `Glm4vTextModel.forward`'s `last_of`)."""
+        if self.block_tables is None:
+            raise ValueError("last_tokens attends through the KV cache: this step has none")
+        return DecodeBatch.build(self, seqs, list(range(len(seqs))))
+
     @classmethod
     def without_cache(cls, query_lens: list[int]) -> AttentionMetadata:
         """Each sequence's new tokens are its whole context (no KV cache): a plain prefill."""
@@ -106,7 +115,9 @@ class DecodeBatch:
     seq_lens: torch.Tensor  # [S] int64
 
     @classmethod
-    def build(cls, meta: AttentionMetadata, seqs: list[int]) -> DecodeBatch:
+    def build(cls, meta: AttentionMetadata, seqs: list[int],
+              token_idx: list[int] | None = None) -> DecodeBatch:
+        """`seqs`' queries at `token_idx` (default: each one's first new token in the step)."""
         assert meta.block_tables is not None
         device = meta.block_tables.device
         lens = torch.tensor([meta.seq_lens[i] for i in seqs], device=device)
@@ -115,5 +126,7 @@ class DecodeBatch:
         tables = meta.block_tables[index, :num_blocks].long()
         keys = torch.arange(num_blocks * meta.block_size, device=device)
         padding = (keys[None, :] >= lens[:, None])[:, None, None, :]
-        token_idx = torch.tensor([meta.query_start_loc[i] for i in seqs], device=device)
-        return cls(seqs, token_idx, tables.reshape(-1), padding, index, lens)
+        if token_idx is None:
+            token_idx = [meta.query_start_loc[i] for i in seqs]
+        return cls(seqs, torch.tensor(token_idx, dtype=torch.long, device=device),
+                   tables.reshape(-1), padding, index, lens)

@@ -121,6 +121,24 @@ def sdpa_attention(
     return out
 
 
+def last_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         meta: AttentionMetadata, rows: DecodeBatch, scale: float,
+                         kv_cache: torch.Tensor) -> torch.Tensor:
+    """The step's new keys/values written, then attention for some sequences' last new token
+    only: q [R, heads, D] those queries (rows.token_idx 0..R-1, `meta.last_tokens`); k, v
+    [N, kv_heads, D] every new token. Returns [R, heads, D]. Each query sees its sequence's
+    whole context, as its row of `sdpa_attention` does, through the decode kernel."""
+    assert meta.slot_mapping is not None and meta.block_tables is not None
+    write_kv(kv_cache, k, v, meta.slot_mapping)
+    ops = cpu_ops(q)
+    if ops is not None and kv_cache.dtype is q.dtype:
+        out = torch.empty_like(q)
+        ops.paged_decode_attention(out, q, kv_cache, meta.block_tables, rows.seq_idx,
+                                   rows.token_idx, rows.seq_lens, scale)
+        return out
+    return _decode_attention(q, kv_cache, rows, scale)
+
+
 def _prefill_kernel(q: torch.Tensor, k: torch.Tensor) -> Any | None:
     """The CPU kernels' causal segment attention when it applies (bf16 on a CPU with
     AVX-512, head_dim a multiple of 16): ~3x SDPA's CPU flash kernel on a prefill chunk."""

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from glmv.attention.backends import AttentionFn, get_backend
-from glmv.attention.metadata import AttentionMetadata
+from glmv.attention.metadata import AttentionMetadata, DecodeBatch
+from glmv.attention.torch_sdpa import last_token_attention, write_kv
 
 
 class Attention(nn.Module):
@@ -24,7 +25,23 @@ class Attention(nn.Module):
         self._backend: AttentionFn = get_backend(backend)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """q: [N, heads, D]; k, v: [N, kv_heads, D] -> [N, heads * D]."""
-        out = self._backend(q, k, v, meta, self.scale, self.kv_cache)
+                meta: AttentionMetadata, rows: DecodeBatch | None = None) -> torch.Tensor:
+        """q: [N, heads, D]; k, v: [N, kv_heads, D] -> [N, heads * D].
+
+        With `rows` (`meta.last_tokens`), q holds only those sequences' last new tokens,
+        [R, heads, D], and so does the result, [R, heads * D]: every new key and value is
+        still written to the cache."""
+        if rows is None:
+            out = self._backend(q, k, v, meta, self.scale, self.kv_cache)
+        elif self.kv_cache is None or self.backend != "torch_sdpa":
+            raise ValueError("attention for last tokens only needs a KV cache and the "
+                             "torch_sdpa backend")
+        else:
+            out = last_token_attention(q, k, v, meta, rows, self.scale, self.kv_cache)
         return out.flatten(1)
+
+    def write_cache(self, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        """Only the step's new keys and values into the cache (no query needs attention)."""
+        if self.kv_cache is None or meta.slot_mapping is None:
+            raise ValueError("write_cache needs a KV cache and the step's slots")
+        write_kv(self.kv_cache, k, v, meta.slot_mapping)

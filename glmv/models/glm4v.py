@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from glmv.attention.metadata import AttentionMetadata
+from glmv.attention.metadata import AttentionMetadata, DecodeBatch
 from glmv.config import ModelConfig, TextConfig
 from glmv.kernels import cpu_ops
 from glmv.layers.attention import Attention
@@ -60,6 +60,22 @@ QKV_RULES = [
 ]
 
 
+@dataclass(frozen=True)
+class LastRows:
+    """Some sequences' last new tokens, the only rows the decoder's last layer computes past
+    its keys and values when only their hidden states are wanted (`Glm4vTextModel.forward`'s
+    `last_of`): nothing after that layer reads the other rows."""
+
+    index: torch.Tensor  # [R] int64: each one's row among the step's N tokens
+    attention: DecodeBatch | None  # their queries (AttentionMetadata.last_tokens); None: R = 0
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, seqs: list[int], device: torch.device) -> LastRows:
+        index = torch.tensor([meta.query_start_loc[i + 1] - 1 for i in seqs], dtype=torch.long,
+                             device=device)
+        return cls(index, meta.last_tokens(seqs) if seqs else None)
+
+
 class Glm4vTextAttention(nn.Module):
     """GQA attention with M-RoPE; shared by the dense and MoE decoders."""
 
@@ -75,7 +91,9 @@ class Glm4vTextAttention(nn.Module):
         self.attn = Attention(scale=self.head_dim**-0.5)
 
     def forward(self, h: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, last: LastRows | None = None) -> torch.Tensor:
+        """h [N, hidden] -> [N, hidden]; with `last`, [R, hidden] for its rows only (every
+        token's keys and values are still cached)."""
         n = h.shape[0]
         qkv = self.qkv_proj(h)  # [N, (heads + 2 * kv_heads) * head_dim], q | k | v
         qk_width = (self.num_heads + self.num_kv_heads) * self.head_dim
@@ -84,7 +102,12 @@ class Glm4vTextAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        return self.o_proj(self.attn(q, k, v, meta))
+        if last is None:
+            return self.o_proj(self.attn(q, k, v, meta))
+        if last.attention is None:  # no row wanted: only the cache write
+            self.attn.write_cache(k, v, meta)
+            return h[:0]
+        return self.o_proj(self.attn(q[last.index], k, v, meta, last.attention))
 
 
 #: One layer's part of decode_layers' arguments: norms, products, widths, heads, whether gate_up
@@ -107,8 +130,13 @@ class Glm4vTextDecoderLayer(nn.Module):
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, eps)
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
-                meta: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
+                meta: AttentionMetadata, last: LastRows | None = None) -> torch.Tensor:
+        """x [N, hidden] -> [N, hidden]; with `last`, only its rows [R, hidden] (LastRows)."""
+        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta, last)
+        if last is not None:
+            x = x[last.index]
+            if not x.shape[0]:
+                return x
         # h = x + post_self_attn_norm(attn); the MLP reads post_attention_norm(h)
         h, normed = add_rms_norm(attn, x, self.post_self_attn_layernorm,
                                  self.post_attention_layernorm)
@@ -180,14 +208,29 @@ class Glm4vTextModel(nn.Module):
         self._holders: tuple[list[Linear], list[Attention]] | None = None
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        """inputs_embeds [N, hidden], positions [3, N] -> hidden states [N, hidden]."""
+                meta: AttentionMetadata, last_of: list[int] | None = None) -> torch.Tensor:
+        """inputs_embeds [N, hidden], positions [3, N] -> hidden states [N, hidden]; with
+        `last_of` (sequence indices), only the hidden states of those sequences' last new
+        tokens, [len(last_of), hidden] in that order.
+
+        With `last_of` and a KV cache the last layer computes those rows only past its keys
+        and values (its queries, attention output, MLP): nothing reads the others, and a
+        prefill step's last layer costs a few rows instead of every token."""
         rope = self.rotary_emb.cos_sin(positions, inputs_embeds.dtype)
         h = self._decode_stack(inputs_embeds, rope, meta)
+        last: LastRows | None = None
+        tail = self.layers[-1].self_attn
+        if (h is None and last_of is not None and len(last_of) < inputs_embeds.shape[0]
+                and meta.uses_cache and isinstance(tail, Glm4vTextAttention)
+                and tail.attn.kv_cache is not None):
+            last = LastRows.of(meta, last_of, inputs_embeds.device)
         if h is None:
             h = inputs_embeds
-            for layer in self.layers:
-                h = layer(h, rope, self.rotary_emb, meta)
+            for i, layer in enumerate(self.layers):
+                h = layer(h, rope, self.rotary_emb, meta,
+                          last if i == len(self.layers) - 1 else None)
+        if last_of is not None and last is None:
+            h = h[[meta.query_start_loc[i + 1] - 1 for i in last_of]]
         return self.norm(h)
 
     def _decode_stack(self, x: torch.Tensor, rope: Rope,
@@ -304,8 +347,10 @@ class Glm4vForConditionalGeneration(nn.Module):
         return embeds
 
     def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        return self.model.language_model(inputs_embeds, positions, meta)
+                meta: AttentionMetadata, last_of: list[int] | None = None) -> torch.Tensor:
+        """Hidden states of every token, or of the last new token of each `last_of` sequence
+        (Glm4vTextModel.forward)."""
+        return self.model.language_model(inputs_embeds, positions, meta, last_of)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, hidden] (usually the last token of each sequence) -> [M, vocab]."""

@@ -24,6 +24,7 @@ from glmv.models.glm4v import (
     QKV_RULES,
     Glm4vForConditionalGeneration,
     Glm4vTextAttention,
+    LastRows,
     Rope,
     rule,
 )
@@ -79,8 +80,13 @@ class Glm4vMoeTextDecoderLayer(nn.Module):
             self.mlp = Glm4vMoeTextMoE(cfg.hidden_size, cfg.moe)
 
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
-                meta: AttentionMetadata) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta)
+                meta: AttentionMetadata, last: LastRows | None = None) -> torch.Tensor:
+        """x [N, hidden] -> [N, hidden]; with `last`, only its rows [R, hidden] (LastRows)."""
+        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta, last)
+        if last is not None:
+            x = x[last.index]
+            if not x.shape[0]:
+                return x
         h, normed = add_rms_norm(attn, x, None, self.post_attention_layernorm)  # h = x + attn
         return h + self.mlp(normed)
 

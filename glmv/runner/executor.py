@@ -79,8 +79,8 @@ class ModelExecutor:
         step = build_step_inputs(chunks, self.cache_spec.block_size, self.device)
         embeds = self.model.embed_with_vision(step.input_ids, step.vision_embeds,
                                               step.vision_mask)
-        hidden = self.model(embeds, step.positions, step.meta)
-        rows = hidden[step.last_token_idx[list(logit_chunks)]]
+        # each chunk is one sequence of the step: only its last token's hidden state is read
+        rows = self.model(embeds, step.positions, step.meta, last_of=list(logit_chunks))
         return self.model.greedy_tokens(rows) if greedy else self.model.compute_logits(rows)
 
 

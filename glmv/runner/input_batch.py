@@ -41,7 +41,6 @@ class StepInputs:
     meta: AttentionMetadata
     vision_embeds: torch.Tensor | None  # [K, hidden] in token order
     vision_mask: torch.Tensor | None  # [N] bool
-    last_token_idx: torch.Tensor  # [S] index in N of each chunk's last token
 
 
 def slot_mapping(chunk: SeqChunk, block_size: int) -> list[int]:
@@ -83,5 +82,4 @@ def build_step_inputs(chunks: list[SeqChunk], block_size: int,
         meta=meta,
         vision_embeds=embeds,
         vision_mask=mask.to(device) if mask is not None else None,
-        last_token_idx=torch.tensor(starts[1:], device=device) - 1,
     )

@@ -16,6 +16,7 @@ import torch
 from glmv.models.loader import load_model
 from glmv.multimodal.processor import MultiModalProcessor, ProcessedPrompt
 from glmv.multimodal.rope_index import decode_positions
+from glmv.runner.executor import ModelExecutor
 from glmv.runner.input_batch import SeqChunk, build_step_inputs, slot_mapping
 from glmv.runner.kv_cache import KVCacheSpec
 from glmv.runner.model_runner import ModelRunner
@@ -110,6 +111,60 @@ def test_step_inputs_layout() -> None:
     assert step.meta.slot_mapping.tolist() == [38, 39, 16, 4]
     assert step.meta.query_start_loc == [0, 3, 4]
     assert step.meta.seq_lens == [5, 1]
-    assert step.last_token_idx.tolist() == [2, 3]
     assert step.meta.block_tables is not None
     assert step.meta.block_tables.tolist() == [[9, 4], [1, 0]]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", ["glm-4.6v-flash", "glm-4.5v"])
+def test_last_layer_computes_only_the_sampled_rows(tiny_checkpoint: Any, variant: str,
+                                                   dtype: str) -> None:
+    """`last_of`: the last layer past its keys and values runs for the wanted rows only; those
+    rows match the whole forward's, and every token's keys and values are cached the same
+    (bit for bit: every layer's keys and values come from the same products)."""
+    ckpt = tiny_checkpoint(variant)
+    model = load_model(ckpt, dtype=dtype, progress=False)
+    processor = MultiModalProcessor.from_pretrained(ckpt)
+    first = processor.process_chat([{"role": "user", "content": "Hello there, how are you?"}])
+    second = processor.process_chat([{"role": "user", "content": "Name three colours"}])
+    cfg = model.config.text
+    executor = ModelExecutor(model, KVCacheSpec(cfg.num_hidden_layers, 32, BLOCK,
+                                                cfg.num_key_value_heads, cfg.head_dim,
+                                                getattr(torch, dtype)), "cpu")
+    n1, n2 = len(first.token_ids), len(second.token_ids)
+    t1 = list(range(-(-n1 // BLOCK)))
+    t2 = list(range(len(t1), len(t1) + -(-n2 // BLOCK)))
+    cut = n2 // 2
+
+    def chunk(prompt: ProcessedPrompt, lo: int, hi: int, table: list[int]) -> SeqChunk:
+        return SeqChunk(prompt.token_ids[lo:hi], prompt.positions[:, lo:hi], lo, table)
+
+    # step 1: the second prompt's first half (no row wanted); step 2: the first prompt whole
+    # and the second's rest (both rows wanted, in the other order)
+    steps = [([chunk(second, 0, cut, t2)], []),
+             ([chunk(first, 0, n1, t1), chunk(second, cut, n2, t2)], [1, 0])]
+
+    def run(last_of: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        for cache in executor.kv_caches:
+            cache.zero_()
+        outs = []
+        with torch.inference_mode():
+            for chunks, wanted in steps:
+                step = build_step_inputs(chunks, BLOCK, "cpu")
+                embeds = model.embed_tokens(step.input_ids)
+                if last_of:
+                    out = model(embeds, step.positions, step.meta, last_of=wanted)
+                    assert out.shape == (len(wanted), cfg.hidden_size)
+                else:
+                    hidden = model(embeds, step.positions, step.meta)
+                    out = hidden[[step.meta.query_start_loc[i + 1] - 1 for i in wanted]]
+                outs.append(out)
+        return outs, [cache.clone() for cache in executor.kv_caches]
+
+    whole, whole_caches = run(last_of=False)
+    rows, caches = run(last_of=True)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    for got, want in zip(rows, whole, strict=True):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for got, want in zip(caches, whole_caches, strict=True):
+        assert torch.equal(got, want)
