@@ -748,6 +748,17 @@ struct AheadStream {
   }
 };
 
+// run(): pass<own, stream> with the requests an Ahead asks for compiled in, so that a block of
+// rows that makes none (prefill-sized batches) runs the bare loop.
+#define GLMV_AHEAD_DISPATCH(a, m0, nb0, ahead, acc)                        \
+  if (ahead.lines > 0) {                                                   \
+    if (ahead.own) pass<true, true>(a, m0, nb0, ahead, acc);               \
+    else pass<false, true>(a, m0, nb0, ahead, acc);                        \
+  } else {                                                                 \
+    if (ahead.own) pass<true, false>(a, m0, nb0, ahead, acc);              \
+    else pass<false, false>(a, m0, nb0, ahead, acc);                       \
+  }
+
 // acc[i][j] = sum over K of x row m0 + i times the weights of channel block nb0 + j, for
 // arguments A with x [M, xs] (groups of inputs), w (blocks), kp and xs.
 template <class D, int MB, int NB>
@@ -755,6 +766,11 @@ struct LaneAccumulate {
   template <class A>
   static void run(const A& a, int64_t m0, int64_t nb0, const Ahead& ahead,
                   typename D::Acc (&acc)[MB][NB]) {
+    GLMV_AHEAD_DISPATCH(a, m0, nb0, ahead, acc)
+  }
+  template <bool kOwn, bool kStream, class A>
+  static void pass(const A& a, int64_t m0, int64_t nb0, const Ahead& ahead,
+                   typename D::Acc (&acc)[MB][NB]) {
     const int64_t groups = a.kp / D::kGroup;
     for (int i = 0; i < MB; ++i)
       for (int j = 0; j < NB; ++j) acc[i][j] = D::zero();
@@ -762,11 +778,11 @@ struct LaneAccumulate {
     AheadStream next(ahead, groups);
     for (int64_t g = 0; g < groups; ++g) {
       typename D::Vec wv[NB];
-      if (ahead.own) {
+      if constexpr (kOwn) {
         for (int j = 0; j < NB; ++j)
           prefetch_line(wb + (j * groups + g + kPrefetchGroups) * 64 / sizeof(*wb));
       }
-      next.step();
+      if constexpr (kStream) next.step();
       for (int j = 0; j < NB; ++j) wv[j] = D::load(wb + (j * groups + g) * 64 / sizeof(*wb));
       for (int i = 0; i < MB; ++i) {
         const typename D::Vec xv = D::bcast(a.x + (m0 + i) * a.xs + g * D::kGroup);
@@ -820,6 +836,11 @@ struct LaneAccumulate<D, 8, 2> {
   template <class A>
   static void run(const A& a, int64_t m0, int64_t nb0, const Ahead& ahead,
                   typename D::Acc (&acc)[8][2]) {
+    GLMV_AHEAD_DISPATCH(a, m0, nb0, ahead, acc)
+  }
+  template <bool kOwn, bool kStream, class A>
+  static void pass(const A& a, int64_t m0, int64_t nb0, const Ahead& ahead,
+                   typename D::Acc (&acc)[8][2]) {
     constexpr int64_t line = 64 / sizeof(typename D::W);
     const int64_t groups = a.kp / D::kGroup, xs = a.xs;
     typename D::Acc c00 = D::zero(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00,
@@ -830,11 +851,11 @@ struct LaneAccumulate<D, 8, 2> {
     const typename D::X* x = a.x + m0 * xs;
     AheadStream next(ahead, groups);
     for (int64_t g = 0; g < groups; ++g) {
-      if (ahead.own) {
+      if constexpr (kOwn) {
         prefetch_line(w0p + (g + kPrefetchGroups) * line);
         prefetch_line(w1p + (g + kPrefetchGroups) * line);
       }
-      next.step();
+      if constexpr (kStream) next.step();
       const typename D::Vec w0 = D::load(w0p + g * line);
       const typename D::Vec w1 = D::load(w1p + g * line);
       const typename D::X* xg = x + g * D::kGroup;
@@ -1145,11 +1166,15 @@ constexpr bool kBf16Linear = false;
 // Rows [0, m) of channel blocks nb0 .. nb0 + NB - 1, in blocks of 8, 4, 2 and 1 rows;
 // lane_block<MB, NB>(a, m0, nb0) is each product's own (it computes and stores one block).
 // With `next` (the lines of the thread's next channel blocks), the blocks of rows share out
-// requesting them (Ahead; a single row's stream keeps to its own lines).
+// requesting them (Ahead; a single row's stream keeps to its own lines). From kStreamRows rows
+// (prefill) the arithmetic over a strip hides its reads anyway, and each block of rows
+// requests its own lines only: the requests' bookkeeping in the loop cost 2-5% there.
+constexpr int64_t kStreamRows = 128;
 template <int NB, class A>
 void lane_rows(const A& a, int64_t m, int64_t nb0, const char* next = nullptr,
                int64_t next_lines = 0) {
   const int64_t blocks = m / 8 + m % 8 / 4 + m % 4 / 2 + m % 2;
+  if (m >= kStreamRows) next = nullptr;
   int64_t i = 0, b = 0;
   auto ahead = [&] {  // block b's share (the first block of rows, i = 0, also its own lines)
     Ahead h;
@@ -1158,7 +1183,7 @@ void lane_rows(const A& a, int64_t m, int64_t nb0, const char* next = nullptr,
       h.next = next + lo * 64;
       h.lines = hi - lo;
     }
-    h.own = i == 0;
+    h.own = i == 0 || next == nullptr;
     ++b;
     return h;
   };
