@@ -110,6 +110,15 @@ class Glm4vTextAttention(nn.Module):
         return self.o_proj(self.attn(q[last.index], k, v, meta, last.attention))
 
 
+def attend(attention: Glm4vTextAttention, normed: torch.Tensor, x: torch.Tensor, rope: Rope,
+           rotary: MRotaryEmbedding, meta: AttentionMetadata,
+           last: LastRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A decoder layer's attention over its normed input, and the residual rows its output
+    adds to: all of x, or with `last` only those rows (none when R = 0)."""
+    attn = attention(normed, rope, rotary, meta, last)
+    return attn, x if last is None else x[last.index]
+
+
 #: One layer's part of decode_layers' arguments: norms, products, widths, heads, whether gate_up
 #: is in SwiGLU pairs, and the attention's scale and the norms' epsilon.
 DecodeKernelArgs = tuple[list[torch.Tensor], list[list[torch.Tensor | None]], list[int],
@@ -132,11 +141,9 @@ class Glm4vTextDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata, last: LastRows | None = None) -> torch.Tensor:
         """x [N, hidden] -> [N, hidden]; with `last`, only its rows [R, hidden] (LastRows)."""
-        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta, last)
-        if last is not None:
-            x = x[last.index]
-            if not x.shape[0]:
-                return x
+        attn, x = attend(self.self_attn, self.input_layernorm(x), x, rope, rotary, meta, last)
+        if not x.shape[0]:
+            return x
         # h = x + post_self_attn_norm(attn); the MLP reads post_attention_norm(h)
         h, normed = add_rms_norm(attn, x, self.post_self_attn_layernorm,
                                  self.post_attention_layernorm)

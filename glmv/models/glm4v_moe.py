@@ -26,6 +26,7 @@ from glmv.models.glm4v import (
     Glm4vTextAttention,
     LastRows,
     Rope,
+    attend,
     rule,
 )
 
@@ -82,11 +83,9 @@ class Glm4vMoeTextDecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, rope: Rope, rotary: MRotaryEmbedding,
                 meta: AttentionMetadata, last: LastRows | None = None) -> torch.Tensor:
         """x [N, hidden] -> [N, hidden]; with `last`, only its rows [R, hidden] (LastRows)."""
-        attn = self.self_attn(self.input_layernorm(x), rope, rotary, meta, last)
-        if last is not None:
-            x = x[last.index]
-            if not x.shape[0]:
-                return x
+        attn, x = attend(self.self_attn, self.input_layernorm(x), x, rope, rotary, meta, last)
+        if not x.shape[0]:
+            return x
         h, normed = add_rms_norm(attn, x, None, self.post_attention_layernorm)  # h = x + attn
         return h + self.mlp(normed)
 
