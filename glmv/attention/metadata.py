@@ -78,6 +78,10 @@ class AttentionMetadata:
                 self._decode = DecodeBatch.build(self, seqs)
         return self._decode
 
+    def last_token_rows(self, seqs: list[int]) -> list[int]:
+        """The row of each of `seqs`' last new token among the step's tokens."""
+        return [self.query_start_loc[i + 1] - 1 for i in seqs]
+
     def last_tokens(self, seqs: list[int]) -> DecodeBatch:
         """The last new token of each of `seqs` as one query over its sequence's whole context
         in the cache (written first), laid out like a decode batch whose token_idx are the

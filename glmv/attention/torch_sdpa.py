@@ -85,13 +85,7 @@ def sdpa_attention(
     out = torch.empty_like(q)
     batch = meta.decode_batch() if kv_cache is not None else None
     if batch is not None and kv_cache is not None:
-        ops = cpu_ops(q)
-        if ops is not None and kv_cache.dtype is q.dtype:
-            assert meta.block_tables is not None
-            ops.paged_decode_attention(out, q, kv_cache, meta.block_tables, batch.seq_idx,
-                                       batch.token_idx, batch.seq_lens, scale)
-        else:
-            out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale)
+        _attend_cached(out, q, kv_cache, meta, batch, scale)
     batched = set(batch.seqs) if batch is not None else set()
     prefill_ops = _prefill_kernel(q, k)
     for i in range(meta.num_seqs):
@@ -128,15 +122,24 @@ def last_token_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     only: q [R, heads, D] those queries (rows.token_idx 0..R-1, `meta.last_tokens`); k, v
     [N, kv_heads, D] every new token. Returns [R, heads, D]. Each query sees its sequence's
     whole context, as its row of `sdpa_attention` does, through the decode kernel."""
-    assert meta.slot_mapping is not None and meta.block_tables is not None
+    assert meta.slot_mapping is not None
     write_kv(kv_cache, k, v, meta.slot_mapping)
+    out = torch.empty_like(q)
+    _attend_cached(out, q, kv_cache, meta, rows, scale)
+    return out
+
+
+def _attend_cached(out: torch.Tensor, q: torch.Tensor, kv_cache: torch.Tensor,
+                   meta: AttentionMetadata, batch: DecodeBatch, scale: float) -> None:
+    """out[batch.token_idx] = one query each (q[batch.token_idx]) over its sequence's cached
+    context: the paged decode kernel on a bf16 CPU, else two batched matmuls."""
     ops = cpu_ops(q)
     if ops is not None and kv_cache.dtype is q.dtype:
-        out = torch.empty_like(q)
-        ops.paged_decode_attention(out, q, kv_cache, meta.block_tables, rows.seq_idx,
-                                   rows.token_idx, rows.seq_lens, scale)
-        return out
-    return _decode_attention(q, kv_cache, rows, scale)
+        assert meta.block_tables is not None
+        ops.paged_decode_attention(out, q, kv_cache, meta.block_tables, batch.seq_idx,
+                                   batch.token_idx, batch.seq_lens, scale)
+    else:
+        out[batch.token_idx] = _decode_attention(q, kv_cache, batch, scale)
 
 
 def _prefill_kernel(q: torch.Tensor, k: torch.Tensor) -> Any | None:

@@ -71,8 +71,7 @@ class LastRows:
 
     @classmethod
     def of(cls, meta: AttentionMetadata, seqs: list[int], device: torch.device) -> LastRows:
-        index = torch.tensor([meta.query_start_loc[i + 1] - 1 for i in seqs], dtype=torch.long,
-                             device=device)
+        index = torch.tensor(meta.last_token_rows(seqs), dtype=torch.long, device=device)
         return cls(index, meta.last_tokens(seqs) if seqs else None)
 
 
@@ -237,7 +236,7 @@ class Glm4vTextModel(nn.Module):
                 h = layer(h, rope, self.rotary_emb, meta,
                           last if i == len(self.layers) - 1 else None)
         if last_of is not None and last is None:
-            h = h[[meta.query_start_loc[i + 1] - 1 for i in last_of]]
+            h = h[meta.last_token_rows(last_of)]
         return self.norm(h)
 
     def _decode_stack(self, x: torch.Tensor, rope: Rope,
