@@ -725,12 +725,12 @@ inline void prefetch_line(const void* p) {
 // What a block of rows requests from memory beside its arithmetic: the lines of its own
 // channel blocks kPrefetchGroups groups ahead (`own`: the first block of rows over them; the
 // later ones find them in L2), and a share of the next channel blocks' lines (into L2), so
-// that at 12-64 rows the next strip streams in while the arithmetic over this one runs.
-// Without it the first block of rows over a strip waited for memory while the others
+// that below kStreamRows rows the next strip streams in while the arithmetic over this one
+// runs. Without it the first block of rows over a strip waited for memory while the others
 // computed from L2: 64 rows over weights in memory ran at ~75% of the instruction's rate.
-// 2 vCPU AMD EPYC (Zen 5, AVX512-BF16, ~28 GB/s), best of 20: 12 layers' products of the
-// bench checkpoint at 64 rows 23.3-23.7 -> 20.9-21.5 ms and its LM head 24.5-24.8 ->
-// 22.4-23.2, 32 rows 14.0 -> 11.6 and 11.7, 16 rows 8.8 -> 7.7; 1-8 rows unchanged.
+// 2 vCPU AMD EPYC (Zen 5, AVX512-BF16, 28-45 GB/s), in-process and interleaved, best of 12:
+// 12 layers' products of the bench checkpoint at 64 rows 24.0 -> 21.4 ms and its LM head
+// 25.0 -> 22.7, 32 rows 14.0 -> 11.6, 16 rows 8.5 -> 7.3; 1-8 rows unchanged.
 struct Ahead {
   const char* next = nullptr;  // the first of `lines` 64-byte lines to request
   int64_t lines = 0;
