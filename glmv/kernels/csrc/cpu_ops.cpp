@@ -2259,6 +2259,31 @@ constexpr bool kAmxAttention = false;
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
 // the weighted sum of the values in fp32; one rounding to bf16 at the end.
 
+// Two groups of 16 keys at once (the second at kp + 32 pairs): twice the independent
+// accumulators, so the unit is not left waiting on four chains of dependent dot products
+// (12 layers of 64 sequences x 180 tokens with the rows in cache: 3.0-3.4 -> 2.5-2.8 ms);
+// each score is the same sum in the same order.
+template <int GW>
+void decode_scores2(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
+                    float scale, float* s, int64_t lp) {
+  __m512 acc[GW][2];
+  for (auto& row : acc)
+    for (auto& r : row) r = _mm512_setzero_ps();
+  const uint16_t* kp1 = kp + pairs * 32;
+  for (int64_t p = 0; p < pairs; ++p) {
+    const bf16x32 b0 = as_bf16x32(_mm512_loadu_si512(kp + p * 32));
+    const bf16x32 b1 = as_bf16x32(_mm512_loadu_si512(kp1 + p * 32));
+    for (int g = 0; g < GW; ++g) {
+      const bf16x32 a = bcast_pair(q + g * qhs + 2 * p);
+      acc[g][0] = dot_bf16(acc[g][0], a, b0);
+      acc[g][1] = dot_bf16(acc[g][1], a, b1);
+    }
+  }
+  for (int g = 0; g < GW; ++g)
+    for (int h = 0; h < 2; ++h)
+      _mm512_storeu_ps(s + g * lp + 16 * h, _mm512_mul_ps(acc[g][h], _mm512_set1_ps(scale)));
+}
+
 template <int GW>
 void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
                    float scale, float* s, int64_t lp) {
@@ -2274,13 +2299,15 @@ void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t p
 }
 
 // out[g][c0 + 16c] = sum_t p[g][t] v[t][c0 + 16c] for GW query rows, NC x 16 columns
-template <int GW, int NC>
+// (feed: called every 32 keys, see NextRows)
+template <int GW, int NC, typename Feed>
 void decode_values(const float* p, int64_t lp, const uint16_t* const* vrows, int64_t len,
-                   int64_t c0, uint16_t* out, int64_t ohs) {
+                   int64_t c0, uint16_t* out, int64_t ohs, Feed&& feed) {
   __m512 acc[GW][NC];
   for (auto& row : acc)
     for (auto& r : row) r = _mm512_setzero_ps();
   for (int64_t t = 0; t < len; ++t) {
+    if ((t & 31) == 0) feed();
     __m512 v[NC];
     for (int c = 0; c < NC; ++c) v[c] = load_bf16x16(vrows[t] + c0 + 16 * c);
     for (int g = 0; g < GW; ++g) {
@@ -2307,7 +2334,38 @@ void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
   }
 }
 
+// The keys and values (every KV head's: whole rows of the blocks) of the sequence this thread
+// takes next, requested into L2 a share at a time while it computes the current one: memory
+// then works while the core does, where a burst at the sequence's start left it waiting
+// first and computing after. Shares at ~20 points of each task, evenly: bigger, fewer
+// bursts filled the core's queue of misses and stalled the arithmetic behind it.
+struct NextRows {
+  const int32_t* table = nullptr;  // its block ids
+  const char *k = nullptr, *v = nullptr;  // the cache's key and value halves
+  int64_t block_bytes = 0, rows_bytes = 0;  // one block's bytes (one half); bytes to request
+  int64_t done = 0;  // bytes requested so far
+  int64_t share = 0;  // bytes per feed()
+  int64_t block = 0, at = 0;  // where `done` is: block number, bytes into it
+  void feed() {
+    int64_t left = std::min(rows_bytes - done, share);
+    done += left;
+    while (left > 0) {
+      const int64_t n = std::min(left, block_bytes - at);
+      const int64_t base = int64_t(table[block]) * block_bytes + at;
+      for (int64_t l = 0; l < n; l += 64) {
+        _mm_prefetch(k + base + l, _MM_HINT_T1);
+        _mm_prefetch(v + base + l, _MM_HINT_T1);
+      }
+      left -= n;
+      at += n;
+      if (at == block_bytes) at = 0, ++block;
+    }
+  }
+};
+
 struct DecodeScratch {
+  NextRows next;
+  int64_t fed_rows = 0;  // rows of this task's sequence the previous sequence requested
   std::vector<const uint16_t*> krows, vrows;
   std::vector<uint16_t> kp;
   std::vector<float> s;
@@ -2317,68 +2375,89 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
                     int64_t d, int64_t len, float scale, DecodeScratch& w, int64_t kh,
                     int64_t kvh) {
   const int64_t pairs = d / 2, lp = (len + 15) / 16 * 16;
-  w.kp.resize(pairs * 32);
+  w.kp.resize(pairs * 64);
   w.s.resize(group * lp);
   // The rows are scattered over the cache's blocks, where the hardware prefetchers lose
-  // them: while one group of 16 keys is scored, the next group's keys are requested, and
+  // them: while one group of 32 keys is scored, the next group's keys are requested, and
   // this group's values (into L2, for the weighted sum after the softmax).
   // The first KV head of a token's row requests the whole row (every KV head's keys and
   // values, adjacent in the cache): the sibling heads, the tasks this thread takes next, then
   // find their rows in cache.
   const int64_t row_lines = (kh == 0 ? kvh : 1) * d * 2 / 64, back = kh * d;
   // Besides, the first KV head requests the rows' first 4 MiB of keys and values up front
-  // (into L2, spilling to L3): this stream alone keeps too few lines in flight for memory's
-  // latency. 64 sequences x 180 cached tokens (2 KV heads of 128) over 12 layers 10.5-11.8
-  // -> 7.2-8.0 ms, 1,000 tokens 66 -> 47 ms, 4,000 tokens 300 -> 245 ms (2 vCPU AMD EPYC,
-  // Zen 5, L2 1 MiB, L3 32 MiB).
+  // (into L2, spilling to L3), less the rows the previous sequence already requested
+  // (NextRows): this stream alone keeps too few lines in flight for memory's latency.
+  // 64 sequences x 180 cached tokens (2 KV heads of 128) over 12 layers, caches in 2 MiB
+  // pages: 6.5-6.9 ms with the burst alone, 4.7-5.1 with NextRows and decode_scores2;
+  // 1,000 tokens 41-43 -> 33-34 ms, 4,000 tokens 200 -> 178 ms (2 vCPU AMD EPYC, Zen 5,
+  // L2 1 MiB, L3 32 MiB).
   if (kh == 0) {
     const int64_t burst = std::min<int64_t>(len, (int64_t(4) << 20) / (row_lines * 128));
-    for (int64_t t = 0; t < burst; ++t)
+    for (int64_t t = w.fed_rows; t < burst; ++t)
       for (int64_t l = 0; l < row_lines; ++l) {
         _mm_prefetch(reinterpret_cast<const char*>(w.krows[t]) + 64 * l, _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(w.vrows[t]) + 64 * l, _MM_HINT_T1);
       }
   }
-  for (int64_t t0 = 0; t0 < len; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, len - t0);
-    for (int64_t t = t0 + 16; t < std::min(len, t0 + 32); ++t)
+  for (int64_t t0 = 0; t0 < len; t0 += 32) {
+    const int64_t n = std::min<int64_t>(32, len - t0);
+    w.next.feed();
+    for (int64_t t = t0 + 32; t < std::min(len, t0 + 64); ++t)
       for (int64_t l = 0; l < row_lines; ++l)
         _mm_prefetch(reinterpret_cast<const char*>(w.krows[t] - back) + 64 * l, _MM_HINT_T0);
     for (int64_t t = t0; t < t0 + n; ++t)
       for (int64_t l = 0; l < row_lines; ++l)
         _mm_prefetch(reinterpret_cast<const char*>(w.vrows[t] - back) + 64 * l, _MM_HINT_T1);
-    pack_keys16([&](int64_t l) { return w.krows[t0 + l]; }, n, pairs, w.kp.data());
+    pack_keys16([&](int64_t l) { return w.krows[t0 + l]; }, std::min<int64_t>(16, n), pairs,
+                w.kp.data());
+    w.next.feed();
+    if (n > 16)
+      pack_keys16([&](int64_t l) { return w.krows[t0 + 16 + l]; }, n - 16, pairs,
+                  w.kp.data() + pairs * 32);
+    w.next.feed();
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
       const uint16_t* qg = q + g0 * qhs;
       float* sg = w.s.data() + g0 * lp + t0;
+      const uint16_t* kp = w.kp.data();
+      if (n > 16) {
+        switch (std::min<int64_t>(4, group - g0)) {
+          case 4: decode_scores2<4>(qg, qhs, kp, pairs, scale, sg, lp); break;
+          case 3: decode_scores2<3>(qg, qhs, kp, pairs, scale, sg, lp); break;
+          case 2: decode_scores2<2>(qg, qhs, kp, pairs, scale, sg, lp); break;
+          default: decode_scores2<1>(qg, qhs, kp, pairs, scale, sg, lp); break;
+        }
+        continue;
+      }
       switch (std::min<int64_t>(4, group - g0)) {
-        case 4: decode_scores<4>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
-        case 3: decode_scores<3>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
-        case 2: decode_scores<2>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
-        default: decode_scores<1>(qg, qhs, w.kp.data(), pairs, scale, sg, lp); break;
+        case 4: decode_scores<4>(qg, qhs, kp, pairs, scale, sg, lp); break;
+        case 3: decode_scores<3>(qg, qhs, kp, pairs, scale, sg, lp); break;
+        case 2: decode_scores<2>(qg, qhs, kp, pairs, scale, sg, lp); break;
+        default: decode_scores<1>(qg, qhs, kp, pairs, scale, sg, lp); break;
       }
     }
   }
   softmax_rows_f32(w.s.data(), group, len, lp);
+  w.next.feed();
   const uint16_t* const* vrows = w.vrows.data();
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
     const float* pg = w.s.data() + g0 * lp;
     uint16_t* og = out + g0 * ohs;
     const int64_t gw = std::min<int64_t>(4, group - g0);
+    auto fd = [&] { w.next.feed(); };
     for (int64_t c0 = 0; c0 < d; c0 += 64) {
       if (d - c0 >= 64) {
         switch (gw) {
-          case 4: decode_values<4, 4>(pg, lp, vrows, len, c0, og, ohs); break;
-          case 3: decode_values<3, 4>(pg, lp, vrows, len, c0, og, ohs); break;
-          case 2: decode_values<2, 4>(pg, lp, vrows, len, c0, og, ohs); break;
-          default: decode_values<1, 4>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 4: decode_values<4, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          case 3: decode_values<3, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          case 2: decode_values<2, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          default: decode_values<1, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
         }
       } else {  // d % 64 == 32
         switch (gw) {
-          case 4: decode_values<4, 2>(pg, lp, vrows, len, c0, og, ohs); break;
-          case 3: decode_values<3, 2>(pg, lp, vrows, len, c0, og, ohs); break;
-          case 2: decode_values<2, 2>(pg, lp, vrows, len, c0, og, ohs); break;
-          default: decode_values<1, 2>(pg, lp, vrows, len, c0, og, ohs); break;
+          case 4: decode_values<4, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          case 3: decode_values<3, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          case 2: decode_values<2, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
+          default: decode_values<1, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
         }
       }
     }
@@ -2447,19 +2526,35 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
         const int32_t* table = bt + si[i] * max_blocks;
         // The next sequence's first block of keys (all KV heads: the block is contiguous)
         // into L2 now, while this task runs: each task otherwise starts on a cold block.
-        if (kh == kvh - 1 && task + 1 < end) {
-          const int64_t next = (task + 1) / kvh;
-          const char* first = reinterpret_cast<const char*>(
-              kc + int64_t(bt[si[next] * max_blocks]) * block_size * slot_row);
-          const int64_t bytes = std::min(sl[next], block_size) * slot_row * 2;
-          for (int64_t l = 0; l < bytes; l += 64) _mm_prefetch(first + l, _MM_HINT_T1);
+        if (kh == 0) {
+          // The rows of this sequence that its predecessor on this thread requested (none
+          // for the thread's first); then the next sequence's first 1 MiB of keys and
+          // values, spread over the feeds of this sequence's tasks (decode_task512: three
+          // per 32 keys scored, one after the softmax, one per 32 keys of each 64 columns
+          // of the weighted sum).
+          w.fed_rows = task == begin ? 0 : w.next.rows_bytes / (slot_row * 2);
+          w.next = NextRows{};
+          if ((i + 1) * kvh < end) {
+            const int64_t rows = std::min<int64_t>(sl[i + 1], (int64_t(1) << 20) / (slot_row * 4));
+            const int64_t chunks = (len + 31) / 32;
+            const int64_t feeds = kvh * (3 * chunks + 1 + (d + 63) / 64 * chunks);
+            w.next.table = bt + si[i + 1] * max_blocks;
+            w.next.k = reinterpret_cast<const char*>(kc);
+            w.next.v = reinterpret_cast<const char*>(vc);
+            w.next.block_bytes = block_size * slot_row * 2;
+            w.next.rows_bytes = rows * slot_row * 2;
+            w.next.share = (w.next.rows_bytes / feeds + 63) / 64 * 64;
+          }
         }
         w.krows.resize(len);
         w.vrows.resize(len);
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t row = (table[t / block_size] * block_size + t % block_size) * slot_row;
-          w.krows[t] = kc + row + kh * d;
-          w.vrows[t] = vc + row + kh * d;
+        for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, ++b) {
+          const int64_t first = int64_t(table[b]) * block_size * slot_row + kh * d;
+          const int64_t n = std::min(block_size, len - t0);
+          for (int64_t t = 0; t < n; ++t) {
+            w.krows[t0 + t] = kc + first + t * slot_row;
+            w.vrows[t0 + t] = vc + first + t * slot_row;
+          }
         }
         decode_task512(qp + ti[i] * qts + kh * group * qhs, qhs,
                        op + ti[i] * ots + kh * group * ohs, ohs, group, d, len,
