@@ -2259,43 +2259,39 @@ constexpr bool kAmxAttention = false;
 // over keys packed 16 at a time ([d/2][16][2] in kp, the varlen kernel's layout); softmax and
 // the weighted sum of the values in fp32; one rounding to bf16 at the end.
 
-// Two groups of 16 keys at once (the second at kp + 32 pairs): twice the independent
-// accumulators, so the unit is not left waiting on four chains of dependent dot products
-// (12 layers of 64 sequences x 180 tokens with the rows in cache: 3.0-3.4 -> 2.5-2.8 ms);
-// each score is the same sum in the same order.
-template <int GW>
-void decode_scores2(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
-                    float scale, float* s, int64_t lp) {
-  __m512 acc[GW][2];
+// Scores of GW query rows against NG groups of 16 packed keys (group j at kp + j * 32 pairs).
+// Two groups at once give the unit twice the independent accumulators: with one, it waited on
+// four chains of dependent dot products (12 layers of 64 sequences x 180 tokens with the rows
+// in cache: 3.0-3.4 -> 2.5-2.8 ms); each score is the same sum in the same order either way.
+template <int GW, int NG>
+void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
+                   float scale, float* s, int64_t lp) {
+  __m512 acc[GW][NG];
   for (auto& row : acc)
     for (auto& r : row) r = _mm512_setzero_ps();
-  const uint16_t* kp1 = kp + pairs * 32;
   for (int64_t p = 0; p < pairs; ++p) {
-    const bf16x32 b0 = as_bf16x32(_mm512_loadu_si512(kp + p * 32));
-    const bf16x32 b1 = as_bf16x32(_mm512_loadu_si512(kp1 + p * 32));
+    bf16x32 b[NG];
+    for (int j = 0; j < NG; ++j) b[j] = as_bf16x32(_mm512_loadu_si512(kp + (j * pairs + p) * 32));
     for (int g = 0; g < GW; ++g) {
       const bf16x32 a = bcast_pair(q + g * qhs + 2 * p);
-      acc[g][0] = dot_bf16(acc[g][0], a, b0);
-      acc[g][1] = dot_bf16(acc[g][1], a, b1);
+      for (int j = 0; j < NG; ++j) acc[g][j] = dot_bf16(acc[g][j], a, b[j]);
     }
   }
   for (int g = 0; g < GW; ++g)
-    for (int h = 0; h < 2; ++h)
-      _mm512_storeu_ps(s + g * lp + 16 * h, _mm512_mul_ps(acc[g][h], _mm512_set1_ps(scale)));
+    for (int j = 0; j < NG; ++j)
+      _mm512_storeu_ps(s + g * lp + 16 * j, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(scale)));
 }
 
-template <int GW>
-void decode_scores(const uint16_t* q, int64_t qhs, const uint16_t* kp, int64_t pairs,
-                   float scale, float* s, int64_t lp) {
-  __m512 acc[GW];
-  for (auto& r : acc) r = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    const bf16x32 b = as_bf16x32(_mm512_loadu_si512(kp + p * 32));
-    for (int g = 0; g < GW; ++g)
-      acc[g] = dot_bf16(acc[g], bcast_pair(q + g * qhs + 2 * p), b);
+// decode_scores for gw (1-4) rows and ng (1-2) key groups
+template <int NG>
+void decode_scores_rows(int64_t gw, const uint16_t* q, int64_t qhs, const uint16_t* kp,
+                        int64_t pairs, float scale, float* s, int64_t lp) {
+  switch (gw) {
+    case 4: decode_scores<4, NG>(q, qhs, kp, pairs, scale, s, lp); break;
+    case 3: decode_scores<3, NG>(q, qhs, kp, pairs, scale, s, lp); break;
+    case 2: decode_scores<2, NG>(q, qhs, kp, pairs, scale, s, lp); break;
+    default: decode_scores<1, NG>(q, qhs, kp, pairs, scale, s, lp); break;
   }
-  for (int g = 0; g < GW; ++g)
-    _mm512_storeu_ps(s + g * lp, _mm512_mul_ps(acc[g], _mm512_set1_ps(scale)));
 }
 
 // out[g][c0 + 16c] = sum_t p[g][t] v[t][c0 + 16c] for GW query rows, NC x 16 columns
@@ -2388,7 +2384,7 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
   // (into L2, spilling to L3), less the rows the previous sequence already requested
   // (NextRows): this stream alone keeps too few lines in flight for memory's latency.
   // 64 sequences x 180 cached tokens (2 KV heads of 128) over 12 layers, caches in 2 MiB
-  // pages: 6.5-6.9 ms with the burst alone, 4.7-5.1 with NextRows and decode_scores2;
+  // pages: 6.5-6.9 ms with the burst alone, 4.7-5.1 with NextRows and two key groups at once;
   // 1,000 tokens 41-43 -> 33-34 ms, 4,000 tokens 200 -> 178 ms (2 vCPU AMD EPYC, Zen 5,
   // L2 1 MiB, L3 32 MiB).
   if (kh == 0) {
@@ -2418,22 +2414,11 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
     for (int64_t g0 = 0; g0 < group; g0 += 4) {
       const uint16_t* qg = q + g0 * qhs;
       float* sg = w.s.data() + g0 * lp + t0;
-      const uint16_t* kp = w.kp.data();
-      if (n > 16) {
-        switch (std::min<int64_t>(4, group - g0)) {
-          case 4: decode_scores2<4>(qg, qhs, kp, pairs, scale, sg, lp); break;
-          case 3: decode_scores2<3>(qg, qhs, kp, pairs, scale, sg, lp); break;
-          case 2: decode_scores2<2>(qg, qhs, kp, pairs, scale, sg, lp); break;
-          default: decode_scores2<1>(qg, qhs, kp, pairs, scale, sg, lp); break;
-        }
-        continue;
-      }
-      switch (std::min<int64_t>(4, group - g0)) {
-        case 4: decode_scores<4>(qg, qhs, kp, pairs, scale, sg, lp); break;
-        case 3: decode_scores<3>(qg, qhs, kp, pairs, scale, sg, lp); break;
-        case 2: decode_scores<2>(qg, qhs, kp, pairs, scale, sg, lp); break;
-        default: decode_scores<1>(qg, qhs, kp, pairs, scale, sg, lp); break;
-      }
+      const int64_t gw = std::min<int64_t>(4, group - g0);
+      if (n > 16)
+        decode_scores_rows<2>(gw, qg, qhs, w.kp.data(), pairs, scale, sg, lp);
+      else
+        decode_scores_rows<1>(gw, qg, qhs, w.kp.data(), pairs, scale, sg, lp);
     }
   }
   softmax_rows_f32(w.s.data(), group, len, lp);
