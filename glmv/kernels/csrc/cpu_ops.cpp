@@ -2516,19 +2516,21 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
           // for the thread's first); then the next sequence's first 1 MiB of keys and
           // values, spread over the feeds of this sequence's tasks (decode_task512: three
           // per 32 keys scored, one after the softmax, one per 32 keys of each 64 columns
-          // of the weighted sum).
+          // of each 4 query heads' weighted sum).
           w.fed_rows = task == begin ? 0 : w.next.rows_bytes / (slot_row * 2);
           w.next = NextRows{};
           if ((i + 1) * kvh < end) {
             const int64_t rows = std::min<int64_t>(sl[i + 1], (int64_t(1) << 20) / (slot_row * 4));
             const int64_t chunks = (len + 31) / 32;
-            const int64_t feeds = kvh * (3 * chunks + 1 + (d + 63) / 64 * chunks);
+            const int64_t feeds =
+                kvh * (3 * chunks + 1 + (group + 3) / 4 * ((d + 63) / 64) * chunks);
             w.next.table = bt + si[i + 1] * max_blocks;
             w.next.k = reinterpret_cast<const char*>(kc);
             w.next.v = reinterpret_cast<const char*>(vc);
             w.next.block_bytes = block_size * slot_row * 2;
             w.next.rows_bytes = rows * slot_row * 2;
-            w.next.share = (w.next.rows_bytes / feeds + 63) / 64 * 64;
+            // (whole lines, enough that the feeds cover every byte)
+            w.next.share = ((w.next.rows_bytes + feeds - 1) / feeds + 63) / 64 * 64;
           }
         }
         w.krows.resize(len);
