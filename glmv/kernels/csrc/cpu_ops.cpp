@@ -2333,8 +2333,9 @@ void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
 // The keys and values (every KV head's: whole rows of the blocks) of the sequence this thread
 // takes next, requested into L2 a share at a time while it computes the current one: memory
 // then works while the core does, where a burst at the sequence's start left it waiting
-// first and computing after. Shares at ~20 points of each task, evenly: bigger, fewer
-// bursts filled the core's queue of misses and stalled the arithmetic behind it.
+// first and computing after. Shares at even points of each task (see the count in
+// paged_decode_attention): bigger, fewer bursts filled the core's queue of misses and
+// stalled the arithmetic behind it.
 struct NextRows {
   const int32_t* table = nullptr;  // its block ids
   const char *k = nullptr, *v = nullptr;  // the cache's key and value halves
