@@ -2510,8 +2510,6 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
       for (int64_t task = begin; task < end; ++task) {
         const int64_t i = task / kvh, kh = task % kvh, len = sl[i];
         const int32_t* table = bt + si[i] * max_blocks;
-        // The next sequence's first block of keys (all KV heads: the block is contiguous)
-        // into L2 now, while this task runs: each task otherwise starts on a cold block.
         if (kh == 0) {
           // The rows of this sequence that its predecessor on this thread requested (none
           // for the thread's first); then the next sequence's first 1 MiB of keys and
