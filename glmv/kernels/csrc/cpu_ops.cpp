@@ -2317,6 +2317,18 @@ void decode_values(const float* p, int64_t lp, const uint16_t* const* vrows, int
                           cvt_bf16x16(acc[g][c]));
 }
 
+// decode_values for gw (1-4) rows and NC x 16 columns
+template <int NC, typename Feed>
+void decode_values_rows(int64_t gw, const float* p, int64_t lp, const uint16_t* const* vrows,
+                        int64_t len, int64_t c0, uint16_t* out, int64_t ohs, Feed&& feed) {
+  switch (gw) {
+    case 4: decode_values<4, NC>(p, lp, vrows, len, c0, out, ohs, feed); break;
+    case 3: decode_values<3, NC>(p, lp, vrows, len, c0, out, ohs, feed); break;
+    case 2: decode_values<2, NC>(p, lp, vrows, len, c0, out, ohs, feed); break;
+    default: decode_values<1, NC>(p, lp, vrows, len, c0, out, ohs, feed); break;
+  }
+}
+
 // softmax of rows [0, rows) of s in place (row stride lp, `len` valid columns), normalised
 void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
   for (int64_t i = 0; i < rows; ++i) {
@@ -2333,9 +2345,8 @@ void softmax_rows_f32(float* s, int64_t rows, int64_t len, int64_t lp) {
 // The keys and values (every KV head's: whole rows of the blocks) of the sequence this thread
 // takes next, requested into L2 a share at a time while it computes the current one: memory
 // then works while the core does, where a burst at the sequence's start left it waiting
-// first and computing after. Shares at even points of each task (see the count in
-// paged_decode_attention): bigger, fewer bursts filled the core's queue of misses and
-// stalled the arithmetic behind it.
+// first and computing after. Shares at even points of each task (decode_task_feeds): bigger,
+// fewer bursts filled the core's queue of misses and stalled the arithmetic behind it.
 struct NextRows {
   const int32_t* table = nullptr;  // its block ids
   const char *k = nullptr, *v = nullptr;  // the cache's key and value halves
@@ -2425,29 +2436,26 @@ void decode_task512(const uint16_t* q, int64_t qhs, uint16_t* out, int64_t ohs, 
   softmax_rows_f32(w.s.data(), group, len, lp);
   w.next.feed();
   const uint16_t* const* vrows = w.vrows.data();
+  auto feed = [&] { w.next.feed(); };
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
     const float* pg = w.s.data() + g0 * lp;
     uint16_t* og = out + g0 * ohs;
     const int64_t gw = std::min<int64_t>(4, group - g0);
-    auto fd = [&] { w.next.feed(); };
     for (int64_t c0 = 0; c0 < d; c0 += 64) {
-      if (d - c0 >= 64) {
-        switch (gw) {
-          case 4: decode_values<4, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          case 3: decode_values<3, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          case 2: decode_values<2, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          default: decode_values<1, 4>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-        }
-      } else {  // d % 64 == 32
-        switch (gw) {
-          case 4: decode_values<4, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          case 3: decode_values<3, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          case 2: decode_values<2, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-          default: decode_values<1, 2>(pg, lp, vrows, len, c0, og, ohs, fd); break;
-        }
-      }
+      if (d - c0 >= 64)
+        decode_values_rows<4>(gw, pg, lp, vrows, len, c0, og, ohs, feed);
+      else  // d % 64 == 32
+        decode_values_rows<2>(gw, pg, lp, vrows, len, c0, og, ohs, feed);
     }
   }
+}
+
+// How many times decode_task512 calls w.next.feed() for one (sequence, KV head): three per
+// 32 keys scored, one after the softmax, one per 32 keys of each 64 columns of each 4 query
+// rows' weighted sum.
+int64_t decode_task_feeds(int64_t len, int64_t group, int64_t d) {
+  const int64_t chunks = (len + 31) / 32;
+  return 3 * chunks + 1 + (group + 3) / 4 * ((d + 63) / 64) * chunks;
 }
 #endif
 
@@ -2513,16 +2521,12 @@ void paged_decode_attention(const at::Tensor& out, const at::Tensor& q, const at
         if (kh == 0) {
           // The rows of this sequence that its predecessor on this thread requested (none
           // for the thread's first); then the next sequence's first 1 MiB of keys and
-          // values, spread over the feeds of this sequence's tasks (decode_task512: three
-          // per 32 keys scored, one after the softmax, one per 32 keys of each 64 columns
-          // of each 4 query heads' weighted sum).
+          // values, spread over the feeds of this sequence's tasks.
           w.fed_rows = task == begin ? 0 : w.next.rows_bytes / (slot_row * 2);
           w.next = NextRows{};
           if ((i + 1) * kvh < end) {
             const int64_t rows = std::min<int64_t>(sl[i + 1], (int64_t(1) << 20) / (slot_row * 4));
-            const int64_t chunks = (len + 31) / 32;
-            const int64_t feeds =
-                kvh * (3 * chunks + 1 + (group + 3) / 4 * ((d + 63) / 64) * chunks);
+            const int64_t feeds = kvh * decode_task_feeds(len, group, d);
             w.next.table = bt + si[i + 1] * max_blocks;
             w.next.k = reinterpret_cast<const char*>(kc);
             w.next.v = reinterpret_cast<const char*>(vc);
