@@ -348,6 +348,70 @@ def test_decoding_stops_after_the_last_needed_frame(write_video: WriteVideo) -> 
     assert sorted(kept) == [0, 4] and num_decoded == 5
 
 
+def _all_frames(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _num_referenced_frames(path: Path) -> int:
+    """Frames the decoder outputs when it leaves out every picture nothing refers to."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        return sum(1 for _ in container.decode(stream))
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "container_format"),
+    [("clip.mp4", "libx264", None), ("clip.mkv", "libx264", "matroska"),
+     ("clip.mov", "libx265", None)],
+)
+def test_frames_nothing_refers_to_are_skipped_exactly(
+    write_video: WriteVideo, name: str, codec: str, container_format: str | None
+) -> None:
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    path = write_video(name, 40, 10, 64, 48, codec=codec, container_format=container_format)
+    reference = _all_frames(path)
+    # the encoder made B-frames that nothing refers to: there is something to skip
+    assert _num_referenced_frames(path) < len(reference) == 40
+    for indices in ([0, 4, 8, 12], [1, 2, 3, 39], list(range(40)), [5, 5]):
+        kept = video_module._skipping_decode(path, indices)
+        assert kept is not None and sorted(kept) == sorted(set(indices))
+        for index, frame in kept.items():
+            assert np.array_equal(frame, reference[index])
+        kept, num_decoded = video_module._decode_indices(path, indices)
+        assert num_decoded == max(indices) + 1 and sorted(kept) == sorted(set(indices))
+    assert video_module._skipping_decode(path, [0, 40]) is None  # past the end: the plain path
+
+
+def test_frames_an_edit_list_hides_are_never_counted(
+    write_video: WriteVideo, tmp_path: Path
+) -> None:
+    """A clip cut without re-encoding keeps packets that its edit list hides (the decoder
+    drops their frames): indices count the frames shown, as a plain decode counts them."""
+    source = write_video("clip.mp4", 30, 10, 64, 48, codec="libx264")
+    trimmed = tmp_path / "trimmed.mp4"
+    with av.open(str(source)) as src, av.open(str(trimmed), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        shift = 3 * int(1 / (stream.time_base * 10))  # three frames before the start
+        for packet in src.demux(stream):
+            if packet.dts is None:
+                continue
+            packet.pts -= shift
+            packet.dts -= shift
+            packet.stream = out
+            dst.mux(packet)
+    with av.open(str(trimmed)) as container:
+        assert any(p.is_discard for p in container.demux(video=0))
+    reference = _all_frames(trimmed)
+    assert len(reference) == 27
+    assert video_module._skipping_decode(trimmed, [0, 5]) is None
+    kept, _ = video_module._decode_indices(trimmed, [0, 5, 26])
+    assert all(np.array_equal(kept[i], reference[i]) for i in (0, 5, 26))
+
+
 def test_header_overstating_the_frame_count(
     write_video: WriteVideo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
