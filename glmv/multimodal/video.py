@@ -384,6 +384,14 @@ def _decode_indices(
     skipped = _skipping_decode(source, indices, container_format)
     if skipped is not None:
         return skipped, max(indices) + 1
+    return _decode_in_order(source, indices, container_format)
+
+
+def _decode_in_order(
+    source: VideoSource, indices: Sequence[int], container_format: str | None = None
+) -> tuple[dict[int, np.ndarray], int]:
+    """`_decode_indices` decoding every frame up to the last wanted one, counting them as
+    they come out (transformers' read_video_pyav counts the same way)."""
     wanted = set(indices)
     last = max(indices)
     kept: dict[int, np.ndarray] = {}

@@ -1,0 +1,104 @@
+"""Video decoding: the frames GLM-4.1V samples, decoded frame by frame and with the frames
+nothing refers to left out.
+
+    python bench/media_bench.py [--rounds 3] [--threads 1]
+
+Writes H.264 MP4 clips (libx264's defaults: B-frames) of a gradient drifting across light noise
+into a temporary folder: the bench clips (224x224, 8 fps, 2 s; 32 of them) and 10 s at 30 fps in
+1280x720 and 1920x1080. For each, the frames the checkpoint's sampler picks are decoded by
+`_decode_in_order` (every frame up to the last wanted one) and by `_decode_indices` (which skips
+the frames that are neither wanted nor referred to, where it can), alternating, best of
+--rounds: CPU and wall ms per clip. Then the whole of `preprocess_video` (probe, sample, decode,
+resize, normalise, patchify) with the skipping decode. Checks that both decodes keep the same
+frames. torch runs --threads threads (the server's media threads run one each).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+from workloads import bench_checkpoint
+
+from glmv.multimodal import video as video_module
+from glmv.multimodal.media import MediaPolicy
+from glmv.multimodal.processor import MultiModalProcessor
+
+
+def write_clip(path: Path, width: int, height: int, num_frames: int, fps: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            rgb = np.stack([(x + 3 * i + seed) % 256, (y + 2 * i) % 256, ((x + y) // 2 + i) % 256],
+                           axis=-1)
+            rgb = np.clip(rgb + rng.integers(-4, 5, rgb.shape), 0, 255).astype(np.uint8)
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode(None))
+    return path
+
+
+def timed_ms(run: Callable[..., object], jobs: list[tuple[object, ...]]) -> tuple[float, float]:
+    """CPU and wall ms per job of run(*job) over all the jobs."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    for job in jobs:
+        run(*job)
+    return ((time.process_time() - cpu) * 1e3 / len(jobs),
+            (time.perf_counter() - wall) * 1e3 / len(jobs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    folder = Path(tempfile.mkdtemp(prefix="glmv-media-bench-"))
+    processor = MultiModalProcessor.from_pretrained(
+        bench_checkpoint("glm-4.1v-thinking"),
+        media_policy=MediaPolicy(allowed_local_paths=(str(folder),)))
+    config = processor.video_config
+    sets = {
+        "224x224, 8 fps, 2 s (bench clips)":
+            [write_clip(folder / f"bench-{i}.mp4", 224, 224, 16, 8, i) for i in range(32)],
+        "1280x720, 30 fps, 10 s": [write_clip(folder / "720p.mp4", 1280, 720, 300, 30, 0)],
+        "1920x1080, 30 fps, 10 s": [write_clip(folder / "1080p.mp4", 1920, 1080, 300, 30, 0)],
+    }
+    print("| clip | sampled frames | frame by frame: CPU / wall ms | skipping: CPU / wall ms "
+          "| whole preprocessing: CPU / wall ms |")
+    print("|---|---|---|---|---|")
+    for name, clips in sets.items():
+        indices = [video_module.sample_frames(video_module.probe_video(c), config)
+                   for c in clips]
+        for clip, wanted in zip(clips, indices, strict=True):
+            plain, _ = video_module._decode_in_order(clip, wanted)
+            skipped, _ = video_module._decode_indices(clip, wanted)
+            if sorted(plain) != sorted(skipped) or any(
+                    not np.array_equal(plain[i], skipped[i]) for i in plain):
+                raise SystemExit(f"{clip}: the two decodes kept different frames")
+        jobs = list(zip(clips, indices, strict=True))
+        runs: dict[str, tuple[Callable[..., object], list[tuple[object, ...]]]] = {
+            "plain": (video_module._decode_in_order, jobs),
+            "skip": (video_module._decode_indices, jobs),
+            "whole": (processor.preprocess_video, [(str(c),) for c in clips]),
+        }
+        timings: dict[str, list[tuple[float, float]]] = {key: [] for key in runs}
+        for _ in range(args.rounds):
+            for key, (run, arguments) in runs.items():
+                timings[key].append(timed_ms(run, arguments))
+        cells = [f"{min(c for c, _ in t):.1f} / {min(w for _, w in t):.1f}"
+                 for t in timings.values()]
+        print(f"| {name} | {len(set(indices[0]))} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
