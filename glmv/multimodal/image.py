@@ -5,7 +5,7 @@ The reference is `Glm4vImageProcessor` with its default torchvision backend:
     PIL image --convert_to_rgb--> uint8 [3, H, W] --smart_resize + bicubic (antialias)-->
     uint8 [3, h, w] --(x - 255*mean) / (255*std)--> float32 --patchify--> [gh*gw, 3*T*p*p]
 
-The tensor steps (`resize_frames`, `normalize_frames`, `patchify`) are shared with video.py.
+The tensor steps (`resize_frames`, `patchify_normalized`) are shared with video.py.
 """
 
 from __future__ import annotations
@@ -207,20 +207,33 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     )
 
 
-def normalize_frames(frames: torch.Tensor, config: PatchConfig) -> torch.Tensor:
-    """uint8 [..., 3, H, W] -> float32 (x - mean/r) / (std/r), the fused form transformers uses."""
+def patchify_normalized(
+    frames: torch.Tensor, config: PatchConfig
+) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """uint8 [T, 3, H, W] -> float32 patches (`patchify`'s rows), each value (x - mean/r) /
+    (std/r) of its channel: the fused form transformers uses.
+
+    The patches are cut from the uint8 frames and normalised after, a quarter of the bytes
+    through the patch permutation and one float32 copy instead of two; the values are the
+    same (the normalisation is elementwise)."""
     # Scaling mean/std by 1/rescale_factor (instead of x by rescale_factor) reproduces
     # transformers' rounding bit for bit.
     mean = torch.tensor(config.image_mean) * (1.0 / config.rescale_factor)  # [3]
     std = torch.tensor(config.image_std) * (1.0 / config.rescale_factor)  # [3]
-    out = frames.to(torch.float32, copy=True)  # the in-place ops below must not touch frames
-    return out.sub_(mean.view(-1, 1, 1)).div_(std.view(-1, 1, 1))
+    patches, grid_thw = patchify(
+        frames, config.patch_size, config.merge_size, config.temporal_patch_size
+    )
+    # a new tensor (the in-place ops below leave frames be), rows contiguous
+    out = patches.to(torch.float32, memory_format=torch.contiguous_format)
+    channels = out.view(out.shape[0], mean.numel(), -1)  # columns: channel outermost
+    channels.sub_(mean.view(1, -1, 1)).div_(std.view(1, -1, 1))
+    return out, grid_thw
 
 
 def patchify(
     frames: torch.Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
 ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """float [T, C, H, W] -> ([gt*gh*gw, C*tps*p*p], (gt, gh, gw)); odd T repeats the last frame.
+    """[T, C, H, W] -> ([gt*gh*gw, C*tps*p*p], (gt, gh, gw)); odd T repeats the last frame.
 
     Row order (temporal outermost, then 2x2 merge blocks, row-major inside a block):
 
@@ -343,12 +356,9 @@ def process_image(
     height, width = int(frame.shape[-2]), int(frame.shape[-1])
     resized_h, resized_w = target_size(config, config.temporal_patch_size, height, width)
     resized = resize_frames(frame[None], resized_h, resized_w)  # [1, 3, h, w] uint8
-    normalized = normalize_frames(resized, config)  # [1, 3, h, w] float32
     # An image is one temporal patch: the frame repeated temporal_patch_size times.
-    frames = normalized.expand(config.temporal_patch_size, -1, -1, -1)
-    pixel_values, grid_thw = patchify(
-        frames, config.patch_size, config.merge_size, config.temporal_patch_size
-    )
+    frames = resized.expand(config.temporal_patch_size, -1, -1, -1)
+    pixel_values, grid_thw = patchify_normalized(frames, config)
     return ProcessedImage(
         pixel_values=pixel_values,
         grid_thw=grid_thw,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from glmv.errors import ImageError, MediaTooLargeError, VideoError
-from glmv.multimodal.image import normalize_frames, patchify, resize_frames, target_size
+from glmv.multimodal.image import patchify_normalized, resize_frames, target_size
 from glmv.multimodal.processor_config import VideoProcessorConfig
 
 VideoSource = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -526,10 +526,7 @@ def _process_sampled(
     except ImageError as e:
         raise VideoError(f"cannot resize video of {num_frames} frames {height}x{width}: {e}") from e
     resized = resize_frames(tensor, resized_h, resized_w)  # [N, 3, h, w] uint8
-    normalized = normalize_frames(resized, config)  # [N, 3, h, w] float32
-    pixel_values, grid_thw = patchify(
-        normalized, config.patch_size, config.merge_size, config.temporal_patch_size
-    )
+    pixel_values, grid_thw = patchify_normalized(resized, config)
     return ProcessedVideo(
         pixel_values=pixel_values,
         grid_thw=grid_thw,
