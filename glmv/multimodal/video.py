@@ -519,7 +519,7 @@ def _process_sampled(
     num_frames, height, width = frames.shape[:3]
     if not frames.flags.writeable:
         frames = frames.copy()  # torch.from_numpy wants writable memory
-    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).contiguous()
+    tensor = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # channels last
     try:
         # One size for the whole clip: the area budget is shared by all sampled frames.
         resized_h, resized_w = target_size(config, num_frames, height, width)

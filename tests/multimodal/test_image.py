@@ -18,6 +18,7 @@ from glmv.multimodal.image import (
     load_image,
     process_image,
     process_images,
+    resize_frames,
     smart_resize,
     to_rgb_array,
 )
@@ -346,3 +347,17 @@ def test_non_image_data_raises_image_error(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="unsupported image source"):
         load_image(12345)  # type: ignore[arg-type]
     assert issubclass(ImageError, MediaError)
+
+
+def test_resize_of_channels_last_frames_is_the_same_as_of_contiguous_ones() -> None:
+    """resize_frames takes decoded frames channels last (ATen's vectorised uint8 path), where
+    torchvision resizes [N, 3, H, W]-contiguous ones: the pixels must be the same, growing and
+    shrinking, at sizes that do not divide."""
+    g = torch.Generator().manual_seed(0)
+    for (height, width), (new_h, new_w) in [((48, 64), (28, 56)), ((37, 91), (70, 14)),
+                                            ((300, 200), (113, 421)), ((5, 7), (224, 224))]:
+        frames = torch.randint(0, 256, (2, height, width, 3), dtype=torch.uint8, generator=g)
+        channels_last = frames.permute(0, 3, 1, 2)
+        ours = resize_frames(channels_last, new_h, new_w)
+        assert ours.shape == (2, 3, new_h, new_w)
+        assert torch.equal(ours, resize_frames(channels_last.contiguous(), new_h, new_w))
