@@ -2,6 +2,8 @@
 
 The hash covers the pixel values fed to the vision tower and their grid, so the same picture
 under the same processor settings always hashes the same, whatever file or URL it came from.
+The image and video processors hash what fixes those values instead, a quarter of the bytes:
+the uint8 patches and the normalisation's constants (image.patchify_normalized).
 """
 
 from __future__ import annotations

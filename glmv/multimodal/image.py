@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from glmv.errors import GlmvError, ImageError, MediaTooLargeError
+from glmv.multimodal.hashing import hash_pixels
 from glmv.multimodal.processor_config import ImageProcessorConfig, PatchConfig
 
 ImageSource = bytes | bytearray | memoryview | str | os.PathLike[str] | PIL.Image.Image
@@ -212,14 +213,15 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
 
 
 def patchify_normalized(
-    frames: torch.Tensor, config: PatchConfig
-) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    """uint8 [T, 3, H, W] -> float32 patches (`patchify`'s rows), each value (x - mean/r) /
-    (std/r) of its channel: the fused form transformers uses.
+    frames: torch.Tensor, config: PatchConfig, modality: str
+) -> tuple[torch.Tensor, tuple[int, int, int], str]:
+    """uint8 [T, 3, H, W] -> (float32 patches (`patchify`'s rows), each value (x - mean/r) /
+    (std/r) of its channel: the fused form transformers uses; their grid; their content hash).
 
     The patches are cut from the uint8 frames and normalised after, a quarter of the bytes
     through the patch permutation and one float32 copy instead of two; the values are the
-    same (the normalisation is elementwise)."""
+    same (the normalisation is elementwise). The hash is taken of the uint8 patches and the
+    normalisation's constants, which fix the float pixels: a quarter of the bytes to hash."""
     # Scaling mean/std by 1/rescale_factor (instead of x by rescale_factor) reproduces
     # transformers' rounding bit for bit.
     mean = torch.tensor(config.image_mean) * (1.0 / config.rescale_factor)  # [3]
@@ -227,11 +229,13 @@ def patchify_normalized(
     patches, grid_thw = patchify(
         frames, config.patch_size, config.merge_size, config.temporal_patch_size
     )
+    digest = hash_pixels(patches, grid_thw,
+                         f"{modality}|{mean.tolist()}|{std.tolist()}|normalised after")
     # a new tensor (the in-place ops below leave frames be), rows contiguous
     out = patches.to(torch.float32, memory_format=torch.contiguous_format)
     channels = out.view(out.shape[0], mean.numel(), -1)  # columns: channel outermost
     channels.sub_(mean.view(1, -1, 1)).div_(std.view(1, -1, 1))
-    return out, grid_thw
+    return out, grid_thw, digest
 
 
 def patchify(
@@ -283,6 +287,7 @@ class ProcessedImage:
     original_size: tuple[int, int]  # (height, width) before resizing; grounding boxes use it
     resized_size: tuple[int, int]  # (height, width) fed to the vision tower
     merge_size: int = 2  # patches merged per side into one LLM token
+    content_hash: str = ""  # of the pixels and grid (patchify_normalized); "": hash them
 
     @property
     def num_tokens(self) -> int:
@@ -362,13 +367,14 @@ def process_image(
     resized = resize_frames(frame[None], resized_h, resized_w)  # [1, 3, h, w] uint8
     # An image is one temporal patch: the frame repeated temporal_patch_size times.
     frames = resized.expand(config.temporal_patch_size, -1, -1, -1)
-    pixel_values, grid_thw = patchify_normalized(frames, config)
+    pixel_values, grid_thw, digest = patchify_normalized(frames, config, "image")
     return ProcessedImage(
         pixel_values=pixel_values,
         grid_thw=grid_thw,
         original_size=(height, width),
         resized_size=(resized_h, resized_w),
         merge_size=config.merge_size,
+        content_hash=digest,
     )
 
 

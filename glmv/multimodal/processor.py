@@ -405,7 +405,8 @@ class MultiModalProcessor:
         return MultiModalItem(
             modality=modality, pixel_values=media.pixel_values, grid_thw=media.grid_thw,
             offset=offset, length=length, num_embeds=media.num_tokens,
-            content_hash=hash_pixels(media.pixel_values, media.grid_thw, modality),
+            content_hash=media.content_hash or hash_pixels(media.pixel_values, media.grid_thw,
+                                                           modality),
             original_size=size, timestamps=list(timestamps),
         )
 

@@ -67,6 +67,7 @@ class ProcessedVideo:
     timestamps: list[float]  # seconds, one per temporal patch (its first frame)
     frame_indices: list[int]  # source index of every sampled frame
     merge_size: int = 2  # patches merged per side into one LLM token
+    content_hash: str = ""  # of the pixels and grid (patchify_normalized); "": hash them
 
     @property
     def tokens_per_frame(self) -> int:
@@ -526,13 +527,14 @@ def _process_sampled(
     except ImageError as e:
         raise VideoError(f"cannot resize video of {num_frames} frames {height}x{width}: {e}") from e
     resized = resize_frames(tensor, resized_h, resized_w)  # [N, 3, h, w] uint8
-    pixel_values, grid_thw = patchify_normalized(resized, config)
+    pixel_values, grid_thw, digest = patchify_normalized(resized, config, "video")
     return ProcessedVideo(
         pixel_values=pixel_values,
         grid_thw=grid_thw,
         timestamps=_pair_timestamps(indices, video_fps, grid_thw[0]),
         frame_indices=list(indices),
         merge_size=config.merge_size,
+        content_hash=digest,
     )
 
 

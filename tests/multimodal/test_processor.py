@@ -12,7 +12,7 @@ from __future__ import annotations
 import base64
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 
 from glmv.errors import ImageError, MediaError, PromptError, VideoError
 from glmv.multimodal.hashing import hash_pixels
-from glmv.multimodal.image import ProcessedImage
+from glmv.multimodal.image import ProcessedImage, process_image
 from glmv.multimodal.media import MediaPolicy
 from glmv.multimodal.processor import (
     MultiModalProcessor,
@@ -493,6 +493,25 @@ def test_image_and_still_video_hash_differently(procs: Any,
     assert torch.equal(image.pixel_values, video.pixel_values)
     assert image.grid_thw == video.grid_thw
     assert image.content_hash != video.content_hash
+
+
+def test_content_hash_covers_the_normalisation(procs: Any,
+                                               pictures: dict[str, PIL.Image.Image]) -> None:
+    """The hash is taken of the uint8 patches before they are normalised: the normalisation's
+    constants must count, and a media item made without a hash is hashed by its pixels."""
+    proc = procs("glm-4.6v")
+    picture = pictures["coffee"]
+    config = proc.image_config
+    first, again = process_image(picture, config), process_image(picture, config)
+    assert first.content_hash == again.content_hash and len(first.content_hash) == 32
+    shifted = process_image(picture, replace(config, image_mean=(0.5, 0.5, 0.5)))
+    assert not torch.equal(shifted.pixel_values, first.pixel_values)
+    assert shifted.content_hash != first.content_hash
+    placeholder = "<|begin_of_image|><|image|><|end_of_image|>"
+    (item,) = proc.process(placeholder, images=[first]).mm_items
+    assert item.content_hash == first.content_hash
+    (unhashed,) = proc.process(placeholder, images=[replace(first, content_hash="")]).mm_items
+    assert unhashed.content_hash == hash_pixels(first.pixel_values, first.grid_thw, "image")
 
 
 def test_hash_pixels() -> None:
