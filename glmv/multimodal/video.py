@@ -430,8 +430,9 @@ def _skipping_decode(
 ) -> dict[int, np.ndarray] | None:
     """The wanted frames (index -> [H, W, 3] uint8), decoding only them and the pictures they
     refer to; None where that cannot be done exactly (another container or codec, packets
-    without distinct timestamps, packets an edit list hides, a wanted frame that did not come
-    out): the caller then decodes every frame in order instead."""
+    without distinct timestamps, packets an edit list hides, leading pictures the decoder drops,
+    a wanted frame that did not come out): the caller then decodes every frame in order
+    instead. Every sampler wants frame 0, which is then decoded first."""
     wanted = set(indices)
     try:
         with _open(source, container_format) as container:
@@ -460,7 +461,10 @@ def _skipping_decode(
                 codec.skip_frame = "DEFAULT" if needed else "NONREF"
                 for frame in packet.decode():
                     index = index_of.get(frame.pts, -1)
-                    if index <= previous:  # out of order, or a timestamp no packet had
+                    # Out of order, a timestamp no packet had, or a first frame shown after
+                    # the first packet's (the decoder dropped leading pictures, such as an open
+                    # GOP's: the frames are then counted as they come out, not by rank).
+                    if index <= previous or (previous < 0 and index != 0):
                         return None
                     previous = index
                     if index in wanted:

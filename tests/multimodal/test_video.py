@@ -412,6 +412,33 @@ def test_frames_an_edit_list_hides_are_never_counted(
     assert all(np.array_equal(kept[i], reference[i]) for i in (0, 5, 26))
 
 
+def test_leading_pictures_the_decoder_drops_are_never_counted(tmp_path: Path) -> None:
+    """A clip whose first IDR picture was cut away: the decoder drops the pictures before the
+    next one, with no flag on their packets. Indices count the frames that come out, as a
+    plain decode counts them, not the packets."""
+    whole, cut = tmp_path / "whole.mp4", tmp_path / "cut.mp4"
+    with av.open(str(whole), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"x264-params": "keyint=8:min-keyint=8:scenecut=0"}
+        for index in range(30):
+            frame = av.VideoFrame.from_ndarray(gradient_frame(index, 64, 48), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    with av.open(str(whole)) as src, av.open(str(cut), "w") as dst:
+        stream = src.streams.video[0]
+        out = dst.add_stream_from_template(stream)
+        packets = [p for p in src.demux(stream) if p.dts is not None]
+        for packet in packets[1:]:  # without the first IDR picture
+            packet.stream = out
+            dst.mux(packet)
+    reference = _all_frames(cut)
+    assert 0 < len(reference) < 29  # the pictures before the second IDR are gone
+    assert video_module._skipping_decode(cut, [8, 12]) is None
+    kept, _ = video_module._decode_indices(cut, [8, 12])
+    assert all(np.array_equal(kept[i], reference[i]) for i in (8, 12))
+
+
 def test_header_overstating_the_frame_count(
     write_video: WriteVideo, monkeypatch: pytest.MonkeyPatch
 ) -> None:
