@@ -379,39 +379,53 @@ def _decode_indices(
     """Decode frames in order up to the last wanted index, keeping only the wanted ones.
 
     Returns (index -> [H, W, 3] uint8, frames decoded; fewer than wanted if the stream ended).
-    Where the container and codec allow it (`_skipping_decode`), frames that are neither wanted
-    nor a reference of another frame are not decoded at all; the frames kept are the same.
+    Where the container and codec allow it (`_skippable`), frames that are neither wanted nor
+    a reference of another frame are not decoded at all; the frames kept are the same.
     """
-    skipped = _skipping_decode(source, indices, container_format)
+    with _opened_stream(source, container_format) as (container, stream):
+        if not _skippable(container, stream):
+            return _decode_in_order(container, stream, indices)
+        skipped = _skipping_decode(container, stream, indices)
     if skipped is not None:
         return skipped, max(indices) + 1
-    return _decode_in_order(source, indices, container_format)
+    # The ranks did not hold: every frame in order, from a fresh container.
+    with _opened_stream(source, container_format) as (container, stream):
+        return _decode_in_order(container, stream, indices)
+
+
+@contextmanager
+def _opened_stream(
+    source: VideoSource, container_format: str | None = None
+) -> Iterator[tuple[av.container.InputContainer, av.VideoStream]]:
+    """`_open`'s container and its first video stream, set to decode on threads."""
+    with _open(source, container_format) as container:
+        stream = _video_stream(container)
+        stream.thread_type = "AUTO"  # threads change speed only, not the decoded pictures
+        yield container, stream
 
 
 def _decode_in_order(
-    source: VideoSource, indices: Sequence[int], container_format: str | None = None
+    container: av.container.InputContainer, stream: av.VideoStream, indices: Sequence[int]
 ) -> tuple[dict[int, np.ndarray], int]:
     """`_decode_indices` decoding every frame up to the last wanted one, counting them as
-    they come out (transformers' read_video_pyav counts the same way)."""
+    they come out (transformers' read_video_pyav counts the same way); on a container nothing
+    has been read from."""
     wanted = set(indices)
     last = max(indices)
     kept: dict[int, np.ndarray] = {}
     num_decoded = 0
-    with _open(source, container_format) as container:
-        stream = _video_stream(container)
-        stream.thread_type = "AUTO"  # threads change speed only, not the decoded pictures
-        # read_video_pyav seeks to 0 first; if that fails the fresh container is at the start.
-        with suppress(av.FFmpegError):
-            container.seek(0)
-        try:
-            for frame in container.decode(stream):
-                if num_decoded in wanted:
-                    kept[num_decoded] = frame.to_ndarray(format="rgb24")
-                num_decoded += 1
-                if num_decoded > last:
-                    return kept, num_decoded
-        except av.FFmpegError as e:
-            raise VideoError(f"cannot decode video frame {num_decoded}: corrupt data ({e})") from e
+    # read_video_pyav seeks to 0 first; if that fails the fresh container is at the start.
+    with suppress(av.FFmpegError):
+        container.seek(0)
+    try:
+        for frame in container.decode(stream):
+            if num_decoded in wanted:
+                kept[num_decoded] = frame.to_ndarray(format="rgb24")
+            num_decoded += 1
+            if num_decoded > last:
+                return kept, num_decoded
+    except av.FFmpegError as e:
+        raise VideoError(f"cannot decode video frame {num_decoded}: corrupt data ({e})") from e
     return kept, num_decoded
 
 
@@ -425,53 +439,53 @@ _SKIPPING_FORMATS = frozenset({"mov", "mp4", "matroska", "webm"})  # FFmpeg demu
 _SKIPPING_CODECS = frozenset({"h264", "hevc"})
 
 
+def _skippable(container: av.container.InputContainer, stream: av.VideoStream) -> bool:
+    """Whether `_skipping_decode` may try this container and stream (nothing read yet)."""
+    return (not _SKIPPING_FORMATS.isdisjoint(container.format.name.split(","))
+            and stream.codec_context.name in _SKIPPING_CODECS)
+
+
 def _skipping_decode(
-    source: VideoSource, indices: Sequence[int], container_format: str | None = None
+    container: av.container.InputContainer, stream: av.VideoStream, indices: Sequence[int]
 ) -> dict[int, np.ndarray] | None:
-    """The wanted frames (index -> [H, W, 3] uint8), decoding only them and the pictures they
-    refer to; None where that cannot be done exactly (another container or codec, packets
-    without distinct timestamps, packets an edit list hides, leading pictures the decoder drops,
-    a wanted frame that did not come out): the caller then decodes every frame in order
-    instead. Every sampler wants frame 0, which is then decoded first."""
+    """The wanted frames (index -> [H, W, 3] uint8) of a `_skippable` stream, decoding only
+    them and the pictures they refer to; None where that cannot be done exactly (packets
+    without distinct timestamps, packets an edit list hides, leading pictures the decoder
+    drops, a wanted frame that did not come out): the caller then decodes every frame in
+    order instead. Every sampler wants frame 0, which is then decoded first."""
     wanted = set(indices)
     try:
-        with _open(source, container_format) as container:
-            stream = _video_stream(container)
-            if (_SKIPPING_FORMATS.isdisjoint(container.format.name.split(","))
-                    or stream.codec_context.name not in _SKIPPING_CODECS):
-                return None
-            stamps: list[int] = []
-            for packet in container.demux(stream):
-                if packet.is_discard or packet.is_corrupt:
-                    return None  # an edit list hides it: the decoder drops its frame
-                if packet.size > 0:
-                    if packet.pts is None:
-                        return None
-                    stamps.append(packet.pts)
-            if len(set(stamps)) != len(stamps) or max(wanted) >= len(stamps):
-                return None
-            index_of: dict[int | None, int] = {pts: i for i, pts in enumerate(sorted(stamps))}
-            container.seek(0)
-            codec = stream.codec_context
-            stream.thread_type = "AUTO"  # threads change speed only, not the decoded pictures
-            kept: dict[int, np.ndarray] = {}
-            previous = -1
-            for packet in container.demux(stream):
-                needed = packet.size == 0 or index_of.get(packet.pts, -1) in wanted
-                codec.skip_frame = "DEFAULT" if needed else "NONREF"
-                for frame in packet.decode():
-                    index = index_of.get(frame.pts, -1)
-                    # Out of order, a timestamp no packet had, or a first frame shown after
-                    # the first packet's (the decoder dropped leading pictures, such as an open
-                    # GOP's: the frames are then counted as they come out, not by rank).
-                    if index <= previous or (previous < 0 and index != 0):
-                        return None
-                    previous = index
-                    if index in wanted:
-                        kept[index] = frame.to_ndarray(format="rgb24")
-                if len(kept) == len(wanted):
-                    return kept
-    except (av.FFmpegError, VideoError):
+        stamps: list[int] = []
+        for packet in container.demux(stream):
+            if packet.is_discard or packet.is_corrupt:
+                return None  # an edit list hides it: the decoder drops its frame
+            if packet.size > 0:
+                if packet.pts is None:
+                    return None
+                stamps.append(packet.pts)
+        if len(set(stamps)) != len(stamps) or max(wanted) >= len(stamps):
+            return None
+        index_of: dict[int | None, int] = {pts: i for i, pts in enumerate(sorted(stamps))}
+        container.seek(0)
+        codec = stream.codec_context
+        kept: dict[int, np.ndarray] = {}
+        previous = -1
+        for packet in container.demux(stream):
+            needed = packet.size == 0 or index_of.get(packet.pts, -1) in wanted
+            codec.skip_frame = "DEFAULT" if needed else "NONREF"
+            for frame in packet.decode():
+                index = index_of.get(frame.pts, -1)
+                # Out of order, a timestamp no packet had, or a first frame shown after the
+                # first packet's (the decoder dropped leading pictures, such as an open GOP's:
+                # the frames are then counted as they come out, not by rank).
+                if index <= previous or (previous < 0 and index != 0):
+                    return None
+                previous = index
+                if index in wanted:
+                    kept[index] = frame.to_ndarray(format="rgb24")
+            if len(kept) == len(wanted):
+                return kept
+    except av.FFmpegError:
         return None  # the plain decode raises its own error, or manages
     return None
 

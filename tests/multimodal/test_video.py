@@ -348,9 +348,32 @@ def test_decoding_stops_after_the_last_needed_frame(write_video: WriteVideo) -> 
     assert sorted(kept) == [0, 4] and num_decoded == 5
 
 
+def test_a_clip_the_skipping_decode_cannot_take_is_opened_once(
+    write_video: WriteVideo, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write_video("clip.mp4", 30, 10)  # MPEG-4 part 2: frame by frame
+    opened = []
+    real_open = video_module._open
+
+    def counting_open(*args: Any, **kwargs: Any) -> Any:
+        opened.append(args[0])
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(video_module, "_open", counting_open)
+    kept, num_decoded = video_module._decode_indices(path, [0, 4, 4])
+    assert sorted(kept) == [0, 4] and num_decoded == 5 and len(opened) == 1
+
+
 def _all_frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def _skipping(path: Path, indices: list[int]) -> dict[int, np.ndarray] | None:
+    """The skipping decode alone, on a container and codec it may try."""
+    with video_module._opened_stream(path) as (container, stream):
+        assert video_module._skippable(container, stream)
+        return video_module._skipping_decode(container, stream, indices)
 
 
 def _num_referenced_frames(path: Path) -> int:
@@ -376,13 +399,13 @@ def test_frames_nothing_refers_to_are_skipped_exactly(
     # the encoder made B-frames that nothing refers to: there is something to skip
     assert _num_referenced_frames(path) < len(reference) == 40
     for indices in ([0, 4, 8, 12], [1, 2, 3, 39], list(range(40)), [5, 5]):
-        kept = video_module._skipping_decode(path, indices)
+        kept = _skipping(path, indices)
         assert kept is not None and sorted(kept) == sorted(set(indices))
         for index, frame in kept.items():
             assert np.array_equal(frame, reference[index])
         kept, num_decoded = video_module._decode_indices(path, indices)
         assert num_decoded == max(indices) + 1 and sorted(kept) == sorted(set(indices))
-    assert video_module._skipping_decode(path, [0, 40]) is None  # past the end: the plain path
+    assert _skipping(path, [0, 40]) is None  # past the end: the plain path
 
 
 def test_frames_an_edit_list_hides_are_never_counted(
@@ -407,7 +430,7 @@ def test_frames_an_edit_list_hides_are_never_counted(
         assert any(p.is_discard for p in container.demux(video=0))
     reference = _all_frames(trimmed)
     assert len(reference) == 27
-    assert video_module._skipping_decode(trimmed, [0, 5]) is None
+    assert _skipping(trimmed, [0, 5]) is None
     kept, _ = video_module._decode_indices(trimmed, [0, 5, 26])
     assert all(np.array_equal(kept[i], reference[i]) for i in (0, 5, 26))
 
@@ -434,7 +457,7 @@ def test_leading_pictures_the_decoder_drops_are_never_counted(tmp_path: Path) ->
             dst.mux(packet)
     reference = _all_frames(cut)
     assert 0 < len(reference) < 29  # the pictures before the second IDR are gone
-    assert video_module._skipping_decode(cut, [8, 12]) is None
+    assert _skipping(cut, [8, 12]) is None
     kept, _ = video_module._decode_indices(cut, [8, 12])
     assert all(np.array_equal(kept[i], reference[i]) for i in (8, 12))
 
