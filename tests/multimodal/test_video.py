@@ -76,6 +76,12 @@ def load_all_frames(path: Path) -> tuple[np.ndarray, Any]:
     return frames, metadata
 
 
+def all_decoded_frames(path: Path) -> np.ndarray:
+    """Every frame the decoder gives, in order (however many the header states)."""
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
 def hf_run(processor: Any, frames: np.ndarray, metadata: Any, **kwargs: Any) -> Any:
     return processor(
         videos=[frames],
@@ -207,7 +213,7 @@ def test_container_without_frame_count(
     path = write_video(name, 30, 10, codec=codec, container_format=container_format)
     with av.open(str(path)) as container:
         assert container.streams.video[0].frames == 0  # no count in the header
-        reference = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    reference = all_decoded_frames(path)
     # transformers' read_video_pyav then reports 0 frames, samples index -1 and fails.
     with pytest.raises(ValueError):
         load_video(
@@ -364,11 +370,6 @@ def test_a_clip_the_skipping_decode_cannot_take_is_opened_once(
     assert sorted(kept) == [0, 4] and num_decoded == 5 and len(opened) == 1
 
 
-def _all_frames(path: Path) -> np.ndarray:
-    with av.open(str(path)) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
-
-
 def _skipping(path: Path, indices: list[int]) -> dict[int, np.ndarray] | None:
     """The skipping decode alone, on a container and codec it may try."""
     with video_module._opened_stream(path) as (container, stream):
@@ -395,7 +396,7 @@ def test_frames_nothing_refers_to_are_skipped_exactly(
     if codec not in av.codecs_available:
         pytest.skip(f"this PyAV build has no {codec} encoder")
     path = write_video(name, 40, 10, 64, 48, codec=codec, container_format=container_format)
-    reference = _all_frames(path)
+    reference = all_decoded_frames(path)
     # the encoder made B-frames that nothing refers to: there is something to skip
     assert _num_referenced_frames(path) < len(reference) == 40
     for indices in ([0, 4, 8, 12], [1, 2, 3, 39], list(range(40)), [5, 5]):
@@ -428,7 +429,7 @@ def test_frames_an_edit_list_hides_are_never_counted(
             dst.mux(packet)
     with av.open(str(trimmed)) as container:
         assert any(p.is_discard for p in container.demux(video=0))
-    reference = _all_frames(trimmed)
+    reference = all_decoded_frames(trimmed)
     assert len(reference) == 27
     assert _skipping(trimmed, [0, 5]) is None
     kept, _ = video_module._decode_indices(trimmed, [0, 5, 26])
@@ -455,7 +456,7 @@ def test_leading_pictures_the_decoder_drops_are_never_counted(tmp_path: Path) ->
         for packet in packets[1:]:  # without the first IDR picture
             packet.stream = out
             dst.mux(packet)
-    reference = _all_frames(cut)
+    reference = all_decoded_frames(cut)
     assert 0 < len(reference) < 29  # the pictures before the second IDR are gone
     assert _skipping(cut, [8, 12]) is None
     kept, _ = video_module._decode_indices(cut, [8, 12])
