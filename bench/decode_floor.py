@@ -16,8 +16,8 @@ token per step, so late blocks also read more cache (~12 MB per 1,000 tokens for
 model). A last block of --steps steps runs under torch.profiler: the time each of glmv's
 kernels takes per step (its GB/s where it reads a known part of the weights) and what is left
 of that block's median step outside them (Python, the runner's inputs, small torch ops, and
-the profiler's own cost, ~0.1-0.3 ms: an upper bound). Prints a table and one
-JSON object; record both with the command and machine in docs/benchmarks.md.
+the profiler's own cost: an upper bound). Prints a table and one JSON object; record both
+with the command and machine in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -86,12 +86,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     prompt = text_prompts(tokenizer.encode, 1, args.input_len, seed=1)[0]
     params = SamplingParams(max_tokens=(args.blocks + 1) * args.steps + 2, temperature=0.0,
                             ignore_eos=True)
-    engine.add_request("floor", engine.processor.process(prompt), params)
+    processed = engine.processor.process(prompt)
+    engine.add_request("floor", processed, params)
     engine.step()  # the prefill
     engine.step()  # a first decode step: its buffers exist before any timing
     samples = [probe.gbps()]
-    blocks = []
-    context = args.input_len + 2
+    blocks: list[dict[str, Any]] = []
+    context = len(processed.token_ids) + 1  # cached tokens when the next step starts
     for _ in range(args.blocks):
         steps = []
         for _ in range(args.steps):
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                        "sum_GBps_around": [round(s, 1) for s in samples[-2:]],
                        "fraction_of_floor": round(per_token / (gbps * 1e9) / median, 3)})
         context += args.steps
-    kernels = profile_kernels(engine, args.steps, engine.config)
+    kernels = profile_kernels(engine, args.steps, engine.config, args.quantization)
     engine.abort_request("floor")
     fractions = [b["fraction_of_floor"] for b in blocks]
     best = max(samples)
@@ -128,10 +129,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def profile_kernels(engine: LLMEngine, steps: int, config: ModelConfig) -> dict[str, Any]:
+def profile_kernels(engine: LLMEngine, steps: int, config: ModelConfig,
+                    quantization: str | None) -> dict[str, Any]:
     """Over `steps` engine steps under torch.profiler: the median step, and the mean
     milliseconds per step of each `glmv::` op, with the GB/s of the two that read whole parts
-    of the weights (all decoder layers; the LM head)."""
+    of the weights (all decoder layers; the LM head: its greedy bf16 product, or with int8 its
+    int8 product, the only `int8_linear` call of a decode step outside `decode_layers`)."""
     times = []
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
@@ -139,9 +142,11 @@ def profile_kernels(engine: LLMEngine, steps: int, config: ModelConfig) -> dict[
             engine.step()
             times.append(time.perf_counter() - start)
     text = config.text
-    head_bytes = text.vocab_size * text.hidden_size * 2
-    reads = {"glmv::decode_layers": bytes_read_per_token(config) - head_bytes,
-             "glmv::bf16_linear_argmax": head_bytes}
+    head_bytes = text.vocab_size * text.hidden_size * (1 if quantization == "int8" else 2)
+    reads = {"glmv::decode_layers": bytes_read_per_token(config, quantization=quantization)
+             - head_bytes,
+             "glmv::int8_linear" if quantization == "int8" else "glmv::bf16_linear_argmax":
+             head_bytes}
     kernels: dict[str, Any] = {}
     for event in prof.key_averages():
         if event.key.startswith("glmv::"):
